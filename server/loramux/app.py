@@ -1,0 +1,29 @@
+"""Composition root: the one place that builds the model, adapter store, device
+slots, LoRA layers and engine, and hands each its collaborators."""
+
+from __future__ import annotations
+
+from loramux.adapters.slots import SlotPool
+from loramux.adapters.store import AdapterStore
+from loramux.config import EngineConfig
+from loramux.engine.engine import Engine
+from loramux.model.loader import LoadedModel, load_base_model
+from loramux.model.lora_layers import LoraContext, wrap_targets
+from loramux_kernels import select_backend
+
+
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Engine:
+    """Build a ready engine. `loaded` lets tests pass a model they built in memory."""
+    config.validate()
+    loaded = loaded or load_base_model(config.model)
+    store = AdapterStore(config.adapters, loaded.spec)
+    pool = SlotPool(
+        loaded.spec,
+        num_slots=config.slots.num_slots,
+        max_rank=config.adapters.max_rank,
+        device=loaded.device,
+        dtype=loaded.dtype,
+    )
+    ctx = LoraContext(backend=select_backend(loaded.device))
+    wrap_targets(loaded.model, pool, ctx)
+    return Engine(loaded, store, pool, ctx, config)

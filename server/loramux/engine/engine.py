@@ -1,0 +1,333 @@
+"""The engine: one resident model, many adapters, continuous batching of decode steps.
+
+Single-threaded by design: `step()` runs on one engine thread; `submit()` and
+`cancel()` may be called from any thread and only touch a locked queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from loramux.adapters.slots import SlotPool
+from loramux.adapters.store import AdapterStore
+from loramux.config import EngineConfig
+from loramux.engine.batch import concat_caches, left_pad, positions, select_rows
+from loramux.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from loramux.engine.sampling import RowSampler, sample_next
+from loramux.engine.sequence import Sequence
+from loramux.engine.types import GenerationRequest, GenerationResult, TokenEvent
+from loramux.errors import InvalidArgument, ResourceExhausted
+from loramux.model.loader import LoadedModel
+from loramux.model.lora_layers import LoraContext
+from loramux_kernels import NO_SLOT, plan_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningBatch:
+    """Rows decoding together. cache rows and mask rows follow `seqs` order."""
+
+    seqs: list[Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, L] 1 on real tokens, 0 on left padding
+    next_ids: torch.Tensor  # [B] the token each row feeds next
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: AdapterStore,
+        pool: SlotPool,
+        ctx: LoraContext,
+        config: EngineConfig,
+    ):
+        self.loaded, self.store, self.pool, self.ctx, self.config = loaded, store, pool, ctx, config
+        self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
+        self.eos_ids = _eos_ids(loaded)
+        self.max_len = _max_len(loaded, config.max_seq_len)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._batch: RunningBatch | None = None
+        self._deferred_release: set[str] = set()
+        store.subscribe_evictions(self._on_adapter_evicted)
+
+    # ---- requests (any thread) -------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Validate, tokenize and resolve the adapter, then queue the request.
+
+        Errors (bad parameters, unknown adapter, prompt too long) raise here, in the
+        caller's thread, before anything touches the running batch.
+        """
+        seq = self._make_sequence(request)
+        with self._lock:
+            self._waiting.append(seq)
+
+    def cancel(self, request_id: str) -> None:
+        """The request stops at the next step boundary (its row is freed then)."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._batch.seqs) if self._batch else 0
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or self._batch is not None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run requests to completion on the calling thread (CLI, tests, benches)."""
+        for r in requests:
+            self.submit(r)
+        results: dict[str, GenerationResult] = {}
+        while self.has_work():
+            for ev in self.step():
+                if ev.result is not None:
+                    results[ev.request_id] = ev.result
+        return [results[r.request_id] for r in requests]
+
+    @torch.inference_mode()
+    def prompt_logits(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
+        """Logits at every prompt position, [T_i, V] float32 per request, from one
+        batched forward in which each row uses its own adapter. For scoring
+        (perplexity, evaluation) and tests; call it on the engine thread."""
+        seqs = [self._make_sequence(r) for r in requests]
+        busy = self._busy_slots()
+        for s in seqs:
+            if s.adapter is not None:
+                s.slot = self.pool.acquire(s.slot_key, s.adapter.modules, busy)
+                busy.add(s.slot)
+        ids, mask = left_pad([s.prompt_ids for s in seqs], self.tokenizer.pad_token_id, self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, cache, [s.slot for s in seqs], keep=0)
+        return [logits[i, -len(s.prompt_ids):].float() for i, s in enumerate(seqs)]
+
+    # ---- the step loop (engine thread) -----------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One scheduling iteration: drop cancelled rows, admit and prefill waiting
+        requests, then decode one token for every running row."""
+        events = self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            events += self._prefill(admitted)
+        if self._batch is not None:
+            events += self._decode()
+        self._release_deferred()
+        return events
+
+    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        request.sampling.validate(self.max_len)
+        prompt_ids = self._encode(request)
+        if len(prompt_ids) >= self.max_len:
+            raise InvalidArgument(
+                f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1}"
+            )
+        adapter = self.store.get(request.adapter) if request.adapter else None
+        return Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            sampler=RowSampler(request.sampling, prompt_ids, self.loaded.spec.vocab_size, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stopper=StopMatcher(request.sampling.stop),
+            eos_ids=self.eos_ids,
+            max_len=self.max_len,
+            adapter=adapter,
+            # Keyed by content too, so a reloaded adapter never reuses a stale slot.
+            slot_key=f"{adapter.name}@{adapter.content_hash}" if adapter else None,
+        )
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        if (request.prompt is None) == (request.messages is None):
+            raise InvalidArgument("give exactly one of prompt or messages")
+        if request.messages is not None:
+            _check_messages(request.messages)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidArgument("the base model has no chat template; send a prompt")
+            text = self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=False
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            if not request.prompt:
+                raise InvalidArgument("prompt is empty")
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            raise InvalidArgument("prompt encodes to no tokens")
+        return ids
+
+    def _drop_cancelled(self) -> list[TokenEvent]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if not cancelled:
+                return []
+            waiting = [s for s in self._waiting if s.request_id in cancelled]
+            self._waiting = collections.deque(
+                s for s in self._waiting if s.request_id not in cancelled
+            )
+        events = [s.cancel() for s in waiting]
+        if self._batch is not None:
+            for seq in self._batch.seqs:
+                if seq.request_id in cancelled and not seq.finished:
+                    events.append(seq.cancel())
+            self._remove_finished()
+        return events
+
+    def _busy_slots(self) -> set[int]:
+        return {s.slot for s in self._batch.seqs} if self._batch else set()
+
+    def _admit(self) -> list[Sequence]:
+        """Take waiting requests FIFO while rows and device slots allow. A request
+        whose adapter cannot get a slot waits; it is retried first next step."""
+        room = self.config.max_batch_rows - self.num_running
+        admitted: list[Sequence] = []
+        busy = self._busy_slots()
+        with self._lock:
+            while self._waiting and len(admitted) < room:
+                seq = self._waiting[0]
+                if seq.adapter is not None:
+                    try:
+                        seq.slot = self.pool.acquire(seq.slot_key, seq.adapter.modules, busy)
+                    except ResourceExhausted:
+                        break  # FIFO: later requests do not overtake it
+                    busy.add(seq.slot)
+                self._waiting.popleft()
+                admitted.append(seq)
+        return admitted
+
+    def _forward(self, ids, mask, cache, slots: list[int], keep: int = 1) -> torch.Tensor:
+        """One model forward with each row's adapter (NO_SLOT for none).
+
+        Returns logits [B, V] of the last position, or [B, T, V] when keep=0."""
+        b, t = ids.shape
+        token_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
+        token_slots = token_slots.repeat_interleave(t)  # [B*T], row-major like x
+        self.ctx.plan = plan_step(token_slots, self.pool.rank, self.pool.dtype)
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions(mask, t),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+        finally:
+            self.ctx.plan = None
+        return out.logits[:, -1] if keep == 1 else out.logits
+
+    def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        pad = self.tokenizer.pad_token_id
+        ids, mask = left_pad([s.prompt_ids for s in seqs], pad, self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, cache, [s.slot for s in seqs])
+        events = self._sample_and_accept(seqs, logits)
+        next_ids = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
+        if self._batch is None:
+            self._batch = RunningBatch(seqs, cache, mask, next_ids)
+        else:
+            b = self._batch
+            b.cache, b.mask = concat_caches(b.cache, b.mask, cache, mask)
+            b.seqs = b.seqs + seqs
+            b.next_ids = torch.cat([b.next_ids, next_ids])
+        self._remove_finished()
+        return events
+
+    def _decode(self) -> list[TokenEvent]:
+        b = self._batch
+        b.mask = torch.cat([b.mask, b.mask.new_ones(b.mask.shape[0], 1)], dim=1)
+        slots = [s.slot for s in b.seqs]
+        logits = self._forward(b.next_ids.unsqueeze(1), b.mask, b.cache, slots)
+        events = self._sample_and_accept(b.seqs, logits)
+        b.next_ids = torch.tensor([s.generated[-1] for s in b.seqs], device=self.device)
+        self._remove_finished()
+        return events
+
+    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        tokens = sample_next(logits, [s.sampler for s in seqs])
+        return [s.accept(tok) for s, tok in zip(seqs, tokens)]
+
+    def _remove_finished(self) -> None:
+        b = self._batch
+        if b is None:
+            return
+        keep = [i for i, s in enumerate(b.seqs) if not s.finished]
+        if len(keep) == len(b.seqs):
+            return
+        if not keep:
+            self._batch = None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        b.cache, b.mask = select_rows(b.cache, b.mask, idx)
+        b.seqs = [b.seqs[i] for i in keep]
+        b.next_ids = b.next_ids.index_select(0, idx)
+
+    # ---- adapter lifecycle -----------------------------------------------------
+
+    def _on_adapter_evicted(self, name: str) -> None:
+        """Host cache dropped an adapter: free its device slot now, or once the rows
+        using it finish (running requests keep the weights they started with)."""
+        with self._lock:
+            self._deferred_release.add(name)
+
+    def _release_deferred(self) -> None:
+        with self._lock:
+            if not self._deferred_release:
+                return
+            names = set(self._deferred_release)
+            in_use = {s.slot_key for s in self._batch.seqs} if self._batch else set()
+            in_use |= {s.slot_key for s in self._waiting}
+        still_used = set()
+        for key in self.pool.resident():
+            name = key.split("@", 1)[0]
+            if name not in names:
+                continue
+            if key in in_use:
+                still_used.add(name)
+            else:
+                self.pool.release(key)
+        with self._lock:
+            self._deferred_release = (self._deferred_release - names) | still_used
+
+
+def _check_messages(messages: list[dict[str, str]]) -> None:
+    if not messages:
+        raise InvalidArgument("messages is empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m:
+            raise InvalidArgument(f"message {i} must have a role and content")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise InvalidArgument(f"message {i} has unknown role {m['role']!r}")
+        if not isinstance(m.get("content", ""), str):
+            raise InvalidArgument(f"message {i} content must be a string")
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    gen = getattr(loaded.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return frozenset(i for i in ids if i is not None)
+
+
+def _max_len(loaded: LoadedModel, configured: int) -> int:
+    cfg = loaded.model.config
+    limit = min(configured, getattr(cfg, "max_position_embeddings", configured) or configured)
+    # Rows share a left-padded cache; beyond a sliding window the layers would crop
+    # it, so sequences are capped at the window and every layer stays a plain cache.
+    window = getattr(cfg, "sliding_window", None)
+    return min(limit, window) if window else limit

@@ -1,0 +1,73 @@
+"""Wrap every target linear so one forward pass adds each row's own LoRA delta."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramux.adapters.slots import ModuleSlots, SlotPool
+from loramux_kernels import LoraBackend, StepPlan
+
+
+@dataclass
+class LoraContext:
+    """The one object through which the engine hands per-step metadata to layers.
+
+    plan: set before each forward step, cleared after; None means no LoRA.
+    """
+
+    backend: LoraBackend
+    plan: StepPlan | None = None
+
+
+class LoraLinear(nn.Module):
+    """A target linear plus the multi-LoRA delta of the current step.
+
+    Works over any base linear: nn.Linear (called through F.linear to save a module
+    call per layer on the hot path), bitsandbytes Linear4bit / Linear8bitLt.
+    """
+
+    def __init__(self, base: nn.Module, name: str, slots: ModuleSlots, ctx: LoraContext):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.slots = slots
+        self.ctx = ctx
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._plain = type(base) is nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, d_in]
+        if self._plain:
+            out = F.linear(x, self.base.weight, self.base.bias)
+        else:
+            out = self.base(x)
+        plan = self.ctx.plan
+        if plan is None or plan.mode == "none":
+            return out
+        slots = self.slots
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != slots.A.dtype:
+            x2 = x2.to(slots.A.dtype)
+        out2 = out.view(-1, self.out_features)  # [N, d_out]
+        if out2.dtype == slots.A.dtype:
+            self.ctx.backend.add_lora_(out2, x2, slots.A, slots.BT, plan)
+        else:
+            delta = torch.zeros(out2.shape, dtype=slots.A.dtype, device=out2.device)
+            self.ctx.backend.add_lora_(delta, x2, slots.A, slots.BT, plan)
+            out2 += delta.to(out2.dtype)
+        return out
+
+
+def wrap_targets(model: nn.Module, pool: SlotPool, ctx: LoraContext) -> dict[str, LoraLinear]:
+    """Replace every module named in pool.modules by a LoraLinear; return them by name."""
+    wrapped = {}
+    for name, slots in pool.modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = LoraLinear(getattr(parent, child), name, slots, ctx)
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped
