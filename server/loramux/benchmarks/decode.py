@@ -6,7 +6,8 @@ Default model, float32, random rank-16 adapters on all seven projections. Prints
 median decode tokens/s (and ms per step) for: base; one adapter unmerged; 8 rows
 with 8 different adapters vs the base with 8 rows, through loramux and through
 PEFT (single active adapter; `adapter_names` mixed batch). Workloads are
-interleaved round by round so machine noise hits them alike.
+interleaved step by step (each on its own model copy) so machine noise hits them
+alike; figures are medians over rounds of per-step medians.
 """
 
 from __future__ import annotations
@@ -43,39 +44,56 @@ def make_adapters(base_dir: Path, root: Path, n: int, rank: int) -> list[str]:
     return names
 
 
-def loramux_step_ms(engine, adapters: list[str | None], tokens: int) -> float:
-    """Median wall time of one decode step for a batch of rows with `adapters`."""
-    from loramux.engine.sampling import SamplingParams
-    from loramux.engine.types import GenerationRequest
+class EngineWorkload:
+    """Rows with `adapters` decoding on their own engine; step() times one decode
+    step and restarts the generation when it ends."""
 
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    for a in adapters:
-        engine.submit(GenerationRequest(prompt=PROMPT, adapter=a, sampling=params))
-    engine.step()  # prefill + first decode
-    times = []
-    while engine.has_work():
+    def __init__(self, engine, adapters: list[str | None], tokens: int):
+        self.engine, self.adapters, self.tokens = engine, adapters, tokens
+
+    def _start(self) -> None:
+        from loramux.engine.sampling import SamplingParams
+        from loramux.engine.types import GenerationRequest
+
+        params = SamplingParams(max_new_tokens=self.tokens, ignore_eos=True)
+        for a in self.adapters:
+            self.engine.submit(GenerationRequest(prompt=PROMPT, adapter=a, sampling=params))
+        self.engine.step()  # prefill
+
+    def step(self) -> float:
+        if self.engine.num_running < len(self.adapters) or self.engine.num_waiting:
+            while self.engine.has_work():
+                self.engine.step()
+            self._start()
         t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[:-1]) * 1e3  # last step also tears the batch down
+        self.engine.step()
+        return time.perf_counter() - t
 
 
-def hf_step_ms(model, tokenizer, rows: int, tokens: int, adapter_names=None) -> float:
-    """Median decode-step time of a plain greedy loop over an HF/PEFT model."""
-    from transformers import DynamicCache
+class HFWorkload:
+    """The loop a user writes over HF/PEFT: forward with a KV cache, argmax."""
 
-    ids = tokenizer([PROMPT] * rows, return_tensors="pt")["input_ids"]
-    kw = {"adapter_names": adapter_names} if adapter_names else {}
-    times = []
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
-        for _ in range(tokens - 1):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    def __init__(self, model, tokenizer, rows: int, tokens: int, adapter_names=None):
+        self.model, self.tokens = model, tokens
+        self.ids = tokenizer([PROMPT] * rows, return_tensors="pt")["input_ids"]
+        self.kw = {"adapter_names": adapter_names} if adapter_names else {}
+        self.done = tokens
+
+    @torch.inference_mode()
+    def step(self) -> float:
+        from transformers import DynamicCache
+
+        if self.done >= self.tokens - 1:
+            self.cache = DynamicCache(config=self.model.config)
+            self.out = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True,
+                                  logits_to_keep=1, **self.kw)
+            self.done = 0
+        nxt = self.out.logits[:, -1].argmax(-1, keepdim=True)
+        t = time.perf_counter()
+        self.out = self.model(input_ids=nxt, past_key_values=self.cache, use_cache=True,
+                              logits_to_keep=1, **self.kw)
+        self.done += 1
+        return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,39 +116,49 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = ensure_default_model(args.model_cache)
     root = Path(tempfile.mkdtemp(prefix="loramux-bench-"))
     names = make_adapters(base_dir, root, args.rows, args.rank)
-    engine = build_engine(EngineConfig(
-        model=ModelConfig(cache_dir=args.model_cache, device="cpu", dtype="float32", quantization="none"),
-        adapters=AdapterConfig(roots=[root], max_rank=args.rank),
-        slots=SlotConfig(num_slots=args.rows),
-        max_batch_rows=args.rows,
-    ))
-    tok = engine.tokenizer
-    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    peft = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), root / names[0],
-        adapter_name=names[0],
-    ).eval()
-    for n in names[1:]:
-        peft.load_adapter(root / n, adapter_name=n)
-    peft.set_adapter(names[0])
+    def engine():
+        return build_engine(EngineConfig(
+            model=ModelConfig(cache_dir=args.model_cache, device="cpu", dtype="float32",
+                              quantization="none"),
+            adapters=AdapterConfig(roots=[root], max_rank=args.rank),
+            slots=SlotConfig(num_slots=args.rows),
+            max_batch_rows=args.rows,
+        ))
 
+    def hf():
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    peft = PeftModel.from_pretrained(hf(), root / names[0], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        peft.load_adapter(root / name, adapter_name=name)
+    peft.set_adapter(names[0])
+    plain = hf()
     n, t = args.rows, args.tokens
+    first = engine()
+    tok = first.tokenizer
+    # Each workload keeps its own engine (own model copy) so steps interleave.
     workloads = {
-        "loramux base, 1 row": lambda: loramux_step_ms(engine, [None], t),
-        "loramux 1 adapter, 1 row": lambda: loramux_step_ms(engine, [names[0]], t),
-        f"loramux base, {n} rows": lambda: loramux_step_ms(engine, [None] * n, t),
-        f"loramux {n} adapters, {n} rows": lambda: loramux_step_ms(engine, names, t),
-        "HF base, 1 row": lambda: hf_step_ms(plain, tok, 1, t),
-        "PEFT 1 adapter, 1 row": lambda: hf_step_ms(peft, tok, 1, t),
-        f"HF base, {n} rows": lambda: hf_step_ms(plain, tok, n, t),
-        f"PEFT {n} adapters, {n} rows": lambda: hf_step_ms(peft, tok, n, t, adapter_names=names),
+        "loramux base, 1 row": EngineWorkload(first, [None], t),
+        "loramux 1 adapter, 1 row": EngineWorkload(engine(), [names[0]], t),
+        f"loramux base, {n} rows": EngineWorkload(engine(), [None] * n, t),
+        f"loramux {n} adapters, {n} rows": EngineWorkload(engine(), names, t),
+        "HF base, 1 row": HFWorkload(plain, tok, 1, t),
+        "PEFT 1 adapter, 1 row": HFWorkload(peft, tok, 1, t),
+        f"HF base, {n} rows": HFWorkload(plain, tok, n, t),
+        f"PEFT {n} adapters, {n} rows": HFWorkload(peft, tok, n, t, adapter_names=names),
     }
     for w in workloads.values():  # warm-up: caches, slots, allocator
-        w()
+        for _ in range(3):
+            w.step()
+    # Round-robin one step at a time; a round's figure is the median of its steps.
     samples: dict[str, list[float]] = {k: [] for k in workloads}
     for _ in range(args.rounds):
-        for k, w in workloads.items():
-            samples[k].append(w())
+        steps: dict[str, list[float]] = {k: [] for k in workloads}
+        for _ in range(t):
+            for k, w in workloads.items():
+                steps[k].append(w.step())
+        for k, v in steps.items():
+            samples[k].append(statistics.median(v) * 1e3)
     ms = {k: statistics.median(v) for k, v in samples.items()}
 
     print(f"\ndecode, default model float32 CPU, rank-{args.rank} adapters on 7 projections, "

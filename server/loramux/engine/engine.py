@@ -220,7 +220,9 @@ class Engine:
         try:
             out = self.model(
                 input_ids=ids,
-                attention_mask=mask,
+                # No padding (one row, equal lengths): let attention take its causal
+                # fast path instead of materializing a 4-D mask every step.
+                attention_mask=None if bool(mask.all()) else mask,
                 position_ids=positions(mask, t),
                 past_key_values=cache,
                 use_cache=True,
