@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from loramux.config import AdapterConfig
-from loramux.model.spec import BaseModelSpec, TargetModule
+from loramux.model.loader import build_spec
+from loramux.model.spec import BaseModelSpec
+from tests.conftest import tiny_config
 
 SPEC_NAME = "tiny-llama"
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -21,38 +23,16 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 @pytest.fixture(scope="session")
 def tiny_model():
     """LlamaForCausalLM, 2 layers, hidden 64: q [64→64], k/v [64→32], mlp 64↔128."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
 
 
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_model) -> BaseModelSpec:
     """Every nn.Linear under model.model.layers, by full module name."""
-    targets = {}
-    for name, module in tiny_model.model.layers.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            full = f"model.layers.{name}"
-            targets[full] = TargetModule(full, module.in_features, module.out_features)
-    c = tiny_model.config
-    return BaseModelSpec(
-        name=SPEC_NAME,
-        architecture="LlamaForCausalLM",
-        model_type="llama",
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        vocab_size=c.vocab_size,
-        targets=targets,
-    )
+    return build_spec(tiny_model, SPEC_NAME)
 
 
 @pytest.fixture

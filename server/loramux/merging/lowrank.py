@@ -1,0 +1,122 @@
+"""Low-rank algebra for merged deltas: exact concatenation, exact compression by QR
+of the stacked factors plus an SVD of the small core, and error-bounded compression
+of dense deltas. Never a dense m×n SVD on the exact path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Factored:
+    """ΔW = B @ A with any scale already folded into B.
+
+    B: [d_out, r] float32, A: [r, d_in] float32.
+    """
+
+    B: torch.Tensor  # [d_out, r]
+    A: torch.Tensor  # [r, d_in]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def dense(self) -> torch.Tensor:  # [d_out, d_in]
+        return self.B @ self.A
+
+
+def concat(terms: list[tuple[float, Factored]]) -> Factored:
+    """Σ c_i B_i A_i as one factored delta of rank Σ r_i (exact)."""
+    B = torch.cat([c * f.B for c, f in terms], dim=1)  # [d_out, Σr]
+    A = torch.cat([f.A for _, f in terms], dim=0)  # [Σr, d_in]
+    return Factored(B, A)
+
+
+def gram(factors: list[Factored]) -> torch.Tensor:
+    """G[i, j] = <ΔW_i, ΔW_j>_F = sum((B_iᵀB_j) ∘ (A_iA_jᵀ)), without forming ΔW.
+    Returns [n, n] float64 for stable spherical maths."""
+    n = len(factors)
+    g = torch.empty(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            bb = factors[i].B.double().t() @ factors[j].B.double()  # [r_i, r_j]
+            aa = factors[i].A.double() @ factors[j].A.double().t()  # [r_i, r_j]
+            g[i, j] = g[j, i] = (bb * aa).sum()
+    return g
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A compressed delta and how much of it was lost.
+
+    rel_error: ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F (0 when ΔW is zero).
+    """
+
+    factored: Factored
+    rel_error: float
+
+
+def _truncate(U, S, V, k: int, total_sq: float) -> Compressed:
+    """Keep k singular triplets; B = U_k S_k, A = V_kᵀ. Error from the discarded values."""
+    kept_sq = float((S[:k].double() ** 2).sum())
+    err = math.sqrt(max(total_sq - kept_sq, 0.0) / total_sq) if total_sq > 0 else 0.0
+    return Compressed(Factored(U[:, :k] * S[:k], V[:, :k].t().contiguous()), err)
+
+
+def _pick_rank(S: torch.Tensor, total_sq: float, max_rank: int, budget: float) -> int:
+    """Smallest k ≤ max_rank with discarded energy ≤ budget² · total (at least 1)."""
+    if total_sq <= 0:
+        return 1
+    kept = torch.cumsum(S.double() ** 2, 0)
+    ok = ((total_sq - kept) <= (budget**2) * total_sq).nonzero()
+    k = int(ok[0]) + 1 if ok.numel() else S.numel()
+    return max(1, min(k, max_rank))
+
+
+def compress_exact(f: Factored, max_rank: int, budget: float = 0.0) -> Compressed:
+    """Best rank-≤max_rank approximation of B @ A (Eckart–Young), computed from
+    QR(B), QR(Aᵀ) and the SVD of the r×r core R_B R_Aᵀ. With budget > 0, the
+    smallest rank whose relative error is within budget is kept."""
+    if f.rank <= max_rank and budget == 0.0:
+        return Compressed(f, 0.0)
+    Qb, Rb = torch.linalg.qr(f.B.double())  # [d_out, r], [r, r]
+    Qa, Ra = torch.linalg.qr(f.A.double().t())  # [d_in, r], [r, r]
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())  # core [r, r]
+    total_sq = float((S**2).sum())
+    k = _pick_rank(S, total_sq, max_rank, budget)
+    out = _truncate((Qb @ U).float(), S.float(), (Qa @ Vh.t()).float(), k, total_sq)
+    return out
+
+
+def compress_dense(
+    delta: torch.Tensor, max_rank: int, budget: float, oversample: int = 8, seed: int = 0
+) -> Compressed:
+    """Low-rank approximation of a dense ΔW [d_out, d_in] meeting a relative
+    Frobenius error budget where rank ≤ max_rank allows.
+
+    Randomized range finder (Halko et al. 2011, Alg. 4.4 with 2 power iterations)
+    on max_rank + oversample columns, then an exact SVD of the small projection.
+    The reported error is exact, not an estimate: ‖ΔW − Q Qᵀ ΔW_k‖² is computed
+    from ‖ΔW‖² minus the kept energy, which holds because ΔW_k lies in range(Q)
+    and the SVD is of QᵀΔW (Pythagoras).
+    """
+    # float64 throughout: the error comes from a difference of energies, which
+    # float32 cannot resolve below ~1e-3 relative.
+    d = delta.double()
+    total_sq = float((d**2).sum())
+    if total_sq == 0:
+        zeros = delta.new_zeros(d.shape[0], 1, dtype=torch.float32)
+        return Compressed(Factored(zeros, delta.new_zeros(1, d.shape[1], dtype=torch.float32)), 0.0)
+    width = min(max_rank + oversample, *d.shape)
+    g = torch.Generator(device=d.device).manual_seed(seed)
+    omega = torch.randn(d.shape[1], width, generator=g, device=d.device, dtype=d.dtype)
+    Q = torch.linalg.qr(d @ omega)[0]  # [d_out, w]
+    for _ in range(2):  # power iterations sharpen the spectrum's tail
+        Q = torch.linalg.qr(d @ torch.linalg.qr(d.t() @ Q)[0])[0]
+    U, S, Vh = torch.linalg.svd(Q.t() @ d, full_matrices=False)  # [w, w], [w], [w, d_in]
+    k = _pick_rank(S, total_sq, max_rank, budget)
+    c = _truncate(Q @ U, S, Vh.t(), k, total_sq)
+    return Compressed(Factored(c.factored.B.float(), c.factored.A.float()), c.rel_error)
