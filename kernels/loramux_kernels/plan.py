@@ -10,7 +10,7 @@ import torch
 
 NO_SLOT = -1  # a token whose row uses no adapter
 
-Mode = Literal["none", "single", "dense", "segment"]
+Mode = Literal["none", "single", "grouped", "segment"]
 
 
 @dataclass
@@ -22,22 +22,27 @@ class StepPlan:
     mode:
       "none"    no token uses an adapter; layers skip LoRA entirely.
       "single"  one slot for every token that has one (`token_mask` zeroes the rest).
-      "dense"   few tokens, several slots: one shrink over the active slot prefix,
-                masked per token (`rank_mask`), one expand. 3 ops per layer whatever
-                the mix; the masked-out columns cost FLOPs but no extra weight reads.
+      "grouped" few tokens (decode), several slots: tokens gathered into a
+                [k, m, d] block (k slots used, m = most tokens on one slot, padding
+                rows zeroed), one bmm shrink and one bmm expand against the used
+                slots, one scatter-add back. 4-5 ops per layer whatever the mix,
+                and each used adapter's weights are read once.
       "segment" many tokens (prefill), several slots: one shrink/expand per slot over
                 that slot's token indices (`groups`).
-    k: slots [0, k) cover every slot used (dense mode computes over them).
     rank: the slot buffers' rank stride R when the plan was made.
     """
 
     mode: Mode
     num_tokens: int
     rank: int
-    k: int = 0
     slot: int = NO_SLOT
     token_mask: torch.Tensor | None = None  # [N, 1], 1.0 where the token uses `slot`
-    rank_mask: torch.Tensor | None = None  # [N, k*R], 1.0 on the token's slot columns
+    # grouped mode: block position p = i*m + j holds the j-th token of used slot i.
+    used_slots: torch.Tensor | None = None  # [k] slot ids, ascending
+    slot_prefix: bool = False  # used_slots == arange(k): slice the buffers, no gather
+    block_shape: tuple[int, int] = (0, 0)  # (k, m)
+    token_of_block: torch.Tensor | None = None  # [k*m] token index (0 for padding)
+    block_mask: torch.Tensor | None = None  # [k, m, 1] 1.0 on real tokens; None if no padding
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, idx [n_s])
 
 
@@ -45,7 +50,7 @@ def plan_step(
     token_slots: torch.Tensor,
     rank: int,
     dtype: torch.dtype,
-    dense_max_tokens: int = 64,
+    small_max_tokens: int = 64,
 ) -> StepPlan:
     """Plan one step from token_slots: [N] int64 (slot per token, NO_SLOT for none).
 
@@ -59,12 +64,29 @@ def plan_step(
         slot = used[0]
         has = token_slots == slot
         mask = None if bool(has.all()) else has.to(dtype).unsqueeze(1)  # [N, 1]
-        return StepPlan("single", n, rank, k=slot + 1, slot=slot, token_mask=mask)
-    k = max(used) + 1
-    if n <= dense_max_tokens:
-        # rank_mask[i, s*R:(s+1)*R] = 1 where token i uses slot s.
-        cols = torch.arange(k * rank, device=token_slots.device) // rank  # [k*R]
-        rank_mask = (cols.unsqueeze(0) == token_slots.unsqueeze(1)).to(dtype)  # [N, k*R]
-        return StepPlan("dense", n, rank, k=k, rank_mask=rank_mask)
-    groups = [(s, (token_slots == s).nonzero().squeeze(1)) for s in used]
-    return StepPlan("segment", n, rank, k=k, groups=groups)
+        return StepPlan("single", n, rank, slot=slot, token_mask=mask)
+    if n > small_max_tokens:
+        groups = [(s, (token_slots == s).nonzero().squeeze(1)) for s in used]
+        return StepPlan("segment", n, rank, groups=groups)
+    return _grouped_plan(token_slots, used, n, rank, dtype)
+
+
+def _grouped_plan(token_slots, used: list[int], n: int, rank: int, dtype) -> StepPlan:
+    members = [(token_slots == s).nonzero().squeeze(1).tolist() for s in used]
+    k, m = len(used), max(len(t) for t in members)
+    token_of_block = torch.zeros(k * m, dtype=torch.long)
+    real = torch.zeros(k * m, dtype=dtype)
+    for i, toks in enumerate(members):
+        token_of_block[i * m : i * m + len(toks)] = torch.tensor(toks)
+        real[i * m : i * m + len(toks)] = 1
+    device = token_slots.device
+    return StepPlan(
+        "grouped",
+        n,
+        rank,
+        used_slots=torch.tensor(used, device=device),
+        slot_prefix=used == list(range(k)),
+        block_shape=(k, m),
+        token_of_block=token_of_block.to(device),
+        block_mask=None if bool(real.all()) else real.view(k, m, 1).to(device),
+    )

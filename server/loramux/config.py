@@ -98,12 +98,39 @@ class SlotConfig:
 
 
 @dataclass
+class MergeConfig:
+    """Per-request merges (mixes and named merges).
+
+    max_rank: rank cap of a served mix; None means the adapter max_rank.
+    error_budget: largest relative Frobenius error accepted when a dense merge
+      (ties, dare, magnitude_prune) or an over-rank exact merge is compressed to
+      max_rank; the achieved error is reported with every merge.
+    cache_bytes: the merged-mix cache is bounded by this many bytes.
+    """
+
+    max_rank: int | None = None
+    error_budget: float = 0.01
+    cache_bytes: int = 1024**3
+
+    def validate(self, slot_rank: int) -> None:
+        if self.max_rank is None:
+            self.max_rank = slot_rank
+        if not 1 <= self.max_rank <= slot_rank:
+            raise InvalidArgument(f"merge max_rank must be in [1, {slot_rank}] (the slot rank)")
+        if not 0.0 <= self.error_budget < 1.0:
+            raise InvalidArgument("merge error_budget must be in [0, 1)")
+        if self.cache_bytes < 1:
+            raise InvalidArgument("merge cache_bytes must be positive")
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs, validated together."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     slots: SlotConfig = field(default_factory=SlotConfig)
+    merges: MergeConfig = field(default_factory=MergeConfig)
     max_batch_rows: int = 32
     max_seq_len: int = 4096
 
@@ -111,6 +138,7 @@ class EngineConfig:
         self.model.validate()
         self.adapters.validate()
         self.slots.validate()
+        self.merges.validate(self.adapters.max_rank)
         if self.max_batch_rows < 1:
             raise InvalidArgument("max_batch_rows must be at least 1")
         return self

@@ -21,12 +21,13 @@ CASES = {
     "single_some": [NO_SLOT, 3, 3, NO_SLOT, 3],
     "mixed": [NO_SLOT, 0, 5, 0, 2, NO_SLOT, 5],
     "mixed_high_slots": [4, 5, 4, 5],
+    "mixed_prefix": [1, 0, NO_SLOT, 0, 1, 1],
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dense_max_tokens", [0, 64])  # 0 forces segment mode
-def test_backend_matches_reference(case, dense_max_tokens):
+@pytest.mark.parametrize("small_max_tokens", [0, 64])  # 0 forces segment mode
+def test_backend_matches_reference(case, small_max_tokens):
     slots = torch.tensor(CASES[case])
     A, BT = _buffers()
     x = torch.randn(len(slots), D_IN)
@@ -34,7 +35,7 @@ def test_backend_matches_reference(case, dense_max_tokens):
     want = base.clone()
     add_lora_reference(want, x, A, BT, slots)
     got = base.clone()
-    plan = plan_step(slots, R, torch.float32, dense_max_tokens=dense_max_tokens)
+    plan = plan_step(slots, R, torch.float32, small_max_tokens=small_max_tokens)
     TorchBackend().add_lora_(got, x, A, BT, plan)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if case != "none":
@@ -45,9 +46,13 @@ def test_plan_modes():
     assert plan_step(torch.tensor(CASES["none"]), R, torch.float32).mode == "none"
     assert plan_step(torch.tensor(CASES["single_all"]), R, torch.float32).token_mask is None
     assert plan_step(torch.tensor(CASES["single_some"]), R, torch.float32).mode == "single"
-    dense = plan_step(torch.tensor(CASES["mixed"]), R, torch.float32)
-    assert dense.mode == "dense" and dense.k == 6 and dense.rank_mask.shape == (7, 6 * R)
-    seg = plan_step(torch.tensor(CASES["mixed"]), R, torch.float32, dense_max_tokens=3)
+    grouped = plan_step(torch.tensor(CASES["mixed"]), R, torch.float32)
+    assert grouped.mode == "grouped" and grouped.block_shape == (3, 2)
+    assert grouped.used_slots.tolist() == [0, 2, 5] and not grouped.slot_prefix
+    assert grouped.block_mask is not None  # slot 2 has one token, the others two
+    prefix = plan_step(torch.tensor([1, 0, 0, 1]), R, torch.float32)
+    assert prefix.slot_prefix and prefix.block_mask is None
+    seg = plan_step(torch.tensor(CASES["mixed"]), R, torch.float32, small_max_tokens=3)
     assert seg.mode == "segment" and sorted(s for s, _ in seg.groups) == [0, 2, 5]
 
 

@@ -23,6 +23,7 @@ from loramux.engine.sampling import RowSampler, sample_next
 from loramux.engine.sequence import Sequence
 from loramux.engine.types import GenerationRequest, GenerationResult, TokenEvent
 from loramux.errors import InvalidArgument, ResourceExhausted
+from loramux.merging.service import MergeService
 from loramux.model.loader import LoadedModel
 from loramux.model.lora_layers import LoraContext
 from loramux_kernels import NO_SLOT, plan_step
@@ -48,8 +49,10 @@ class Engine:
         pool: SlotPool,
         ctx: LoraContext,
         config: EngineConfig,
+        merges: MergeService,
     ):
         self.loaded, self.store, self.pool, self.ctx, self.config = loaded, store, pool, ctx, config
+        self.merges = merges
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.eos_ids = _eos_ids(loaded)
         self.max_len = _max_len(loaded, config.max_seq_len)
@@ -59,6 +62,7 @@ class Engine:
         self._batch: RunningBatch | None = None
         self._deferred_release: set[str] = set()
         store.subscribe_evictions(self._on_adapter_evicted)
+        merges.cache.subscribe(self._on_adapter_evicted)
 
     # ---- requests (any thread) -------------------------------------------------
 
@@ -137,7 +141,7 @@ class Engine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1}"
             )
-        adapter = self.store.get(request.adapter) if request.adapter else None
+        adapter, merge = self._resolve_selection(request)
         return Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -149,7 +153,21 @@ class Engine:
             adapter=adapter,
             # Keyed by content too, so a reloaded adapter never reuses a stale slot.
             slot_key=f"{adapter.name}@{adapter.content_hash}" if adapter else None,
+            merge=merge,
         )
+
+    def _resolve_selection(self, request: GenerationRequest):
+        """(adapter or virtual merged adapter, merge report) for the request."""
+        chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
+        if len(chosen) > 1:
+            raise InvalidArgument("give at most one of adapter, merge or mix")
+        if request.adapter is not None:
+            return self.store.get(request.adapter), None
+        if request.merge is not None:
+            return self.merges.resolve(self.merges.get(request.merge))
+        if request.mix is not None:
+            return self.merges.resolve(request.mix)
+        return None, None
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if (request.prompt is None) == (request.messages is None):

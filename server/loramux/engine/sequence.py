@@ -16,6 +16,7 @@ from loramux.engine.types import (
     TokenEvent,
 )
 from loramux.adapters.types import LoraAdapter
+from loramux.merging.materialize import MergeReport
 from loramux_kernels import NO_SLOT
 
 
@@ -31,6 +32,7 @@ class Sequence:
     adapter: LoraAdapter | None = None
     slot_key: str | None = None  # key in the slot pool; None for the base model
     slot: int = NO_SLOT  # device slot while admitted
+    merge: MergeReport | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
@@ -75,6 +77,7 @@ class Sequence:
             token_ids=list(self.generated),
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids),
+            merge=self.merge,
         )
 
     @property

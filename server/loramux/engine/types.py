@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from loramux.engine.sampling import SamplingParams
+from loramux.merging.materialize import MergeReport
+from loramux.merging.spec import MixSpec
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
@@ -20,12 +22,18 @@ class GenerationRequest:
 
     messages: chat turns [{"role": ..., "content": ...}], rendered with the base
       model's chat template.
-    adapter: name of an adapter to apply, or None for the base model.
+    At most one adapter selection is set; none of them means the base model (or
+    the pinned merge, while one is pinned):
+    adapter: name of an adapter.
+    merge: name of a merge the operator created.
+    mix: an inline mix of adapters.
     """
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     adapter: str | None = None
+    merge: str | None = None
+    mix: MixSpec | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -38,6 +46,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     error: str | None = None
+    merge: MergeReport | None = None  # how a merge or mix was resolved
 
     @property
     def completion_tokens(self) -> int:
