@@ -7,6 +7,7 @@ from loramux.adapters.slots import SlotPool
 from loramux.adapters.store import AdapterStore
 from loramux.config import EngineConfig
 from loramux.engine.engine import Engine
+from loramux.merging.pinning import WeightPinner
 from loramux.merging.service import MergeService
 from loramux.model.loader import LoadedModel, load_base_model
 from loramux.model.lora_layers import LoraContext, wrap_targets
@@ -26,6 +27,6 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Eng
         dtype=loaded.dtype,
     )
     ctx = LoraContext(backend=select_backend(loaded.device))
-    wrap_targets(loaded.model, pool, ctx)
+    layers = wrap_targets(loaded.model, pool, ctx)
     merges = MergeService(store, config.merges)
-    return Engine(loaded, store, pool, ctx, config, merges)
+    return Engine(loaded, store, pool, ctx, config, merges, WeightPinner(layers))

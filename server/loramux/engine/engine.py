@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -22,7 +22,9 @@ from loramux.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loramux.engine.sampling import RowSampler, sample_next
 from loramux.engine.sequence import Sequence
 from loramux.engine.types import GenerationRequest, GenerationResult, TokenEvent
-from loramux.errors import InvalidArgument, ResourceExhausted
+from loramux.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramux.merging.lowrank import Factored
+from loramux.merging.pinning import WeightPinner
 from loramux.merging.service import MergeService
 from loramux.model.loader import LoadedModel
 from loramux.model.lora_layers import LoraContext
@@ -50,9 +52,11 @@ class Engine:
         ctx: LoraContext,
         config: EngineConfig,
         merges: MergeService,
+        pinner: WeightPinner,
     ):
         self.loaded, self.store, self.pool, self.ctx, self.config = loaded, store, pool, ctx, config
-        self.merges = merges
+        self.merges, self.pinner = merges, pinner
+        self._pending_swap: _Swap | None = None
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.eos_ids = _eos_ids(loaded)
         self.max_len = _max_len(loaded, config.max_seq_len)
@@ -81,6 +85,66 @@ class Engine:
         with self._lock:
             self._cancelled.add(request_id)
 
+    def pin(self, selection: GenerationRequest) -> float:
+        """Fold the adapter, named merge or mix that `selection` names into the base
+        weights (exactly, uncompressed); returns seconds spent swapping.
+
+        The swap waits for a step boundary with no running row (drain): admission
+        pauses, running rows finish on the weights they started with, the weights
+        change, admission resumes. No request ever sees two weight sets. Call from
+        the engine thread (it drives steps until the swap is done); a server loop
+        uses `request_swap` instead.
+        """
+        return self._drive(self.request_swap(self._exact_deltas(selection), _label(selection)))
+
+    def unpin(self) -> float:
+        return self._drive(self.request_swap(None, None))
+
+    def _drive(self, swap: "_Swap") -> float:
+        while not swap.done.is_set():
+            self.step()
+        if swap.error is not None:
+            raise swap.error
+        return swap.seconds
+
+    def request_swap(self, deltas, label: str | None) -> "_Swap":
+        """Queue a pin (deltas) or unpin (None); applied at the next drained step."""
+        self.pinner.check_supported()
+        swap = _Swap(deltas, label)
+        with self._lock:
+            if self._pending_swap is not None:
+                raise FailedPrecondition("another pin or unpin is in progress")
+            self._pending_swap = swap
+        return swap
+
+    @property
+    def pinned(self) -> str | None:
+        return self.pinner.label
+
+    def _exact_deltas(self, selection: GenerationRequest):
+        if selection.adapter is not None:
+            adapter = self.store.get(selection.adapter)
+            return {n: Factored(m.B.float() * m.scale, m.A.float()) for n, m in adapter.modules.items()}
+        spec = self.merges.get(selection.merge) if selection.merge else selection.mix
+        if spec is None:
+            raise InvalidArgument("pin needs an adapter, a merge name or a mix")
+        return self.merges.exact_deltas(spec)
+
+    def _apply_pending_swap(self) -> None:
+        swap = self._pending_swap
+        if swap is None or self._batch is not None:
+            return
+        try:
+            if swap.deltas is None:
+                swap.seconds = self.pinner.unpin()
+            else:
+                swap.seconds = self.pinner.pin(swap.deltas, swap.label)
+        except Exception as e:  # reported to the caller, the engine goes on
+            swap.error = e
+        with self._lock:
+            self._pending_swap = None
+        swap.done.set()
+
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
@@ -90,7 +154,7 @@ class Engine:
         return len(self._batch.seqs) if self._batch else 0
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self._batch is not None
+        return bool(self._waiting) or self._batch is not None or self._pending_swap is not None
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run requests to completion on the calling thread (CLI, tests, benches)."""
@@ -126,7 +190,8 @@ class Engine:
         """One scheduling iteration: drop cancelled rows, admit and prefill waiting
         requests, then decode one token for every running row."""
         events = self._drop_cancelled()
-        admitted = self._admit()
+        self._apply_pending_swap()
+        admitted = [] if self._pending_swap is not None else self._admit()
         if admitted:
             events += self._prefill(admitted)
         if self._batch is not None:
@@ -161,6 +226,13 @@ class Engine:
         chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
         if len(chosen) > 1:
             raise InvalidArgument("give at most one of adapter, merge or mix")
+        if chosen and self.pinner.pinned:
+            # Exact compensation (adapter − pinned ΔW) is not implemented yet; an
+            # answer computed on top of the pinned weights would be silently wrong.
+            raise FailedPrecondition(
+                f"merge {self.pinner.label!r} is pinned; requests can only use the pinned "
+                "model until it is unpinned"
+            )
         if request.adapter is not None:
             return self.store.get(request.adapter), None
         if request.merge is not None:
@@ -322,6 +394,25 @@ class Engine:
                 self.pool.release(key)
         with self._lock:
             self._deferred_release = (self._deferred_release - names) | still_used
+
+
+@dataclass
+class _Swap:
+    """A queued pin (deltas set) or unpin (deltas None) and its outcome."""
+
+    deltas: dict | None
+    label: str | None
+    done: threading.Event = field(default_factory=threading.Event)
+    seconds: float = 0.0
+    error: Exception | None = None
+
+
+def _label(selection: GenerationRequest) -> str:
+    if selection.adapter is not None:
+        return f"adapter:{selection.adapter}"
+    if selection.merge is not None:
+        return f"merge:{selection.merge}"
+    return f"mix:{selection.mix.describe()}" if selection.mix else "none"
 
 
 def _check_messages(messages: list[dict[str, str]]) -> None:

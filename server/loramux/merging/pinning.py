@@ -1,0 +1,104 @@
+"""Pin a merge into the base weights and take it out again without a trace.
+
+Pinning folds ΔW into each target weight in float32 (dequantize → add → requantize
+for nf4). Unpinning puts back the *original* tensor objects (and quantization
+state), so the restored weights are the loaded ones bit for bit, however many
+cycles run: nothing is ever subtracted or requantized on the way back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loramux.errors import FailedPrecondition
+from loramux.merging.lowrank import Factored
+from loramux.model.lora_layers import LoraLinear
+
+
+@dataclass
+class _Original:
+    data: torch.Tensor
+    quant_state: object | None = None
+
+
+def _dense(delta: Factored | torch.Tensor) -> torch.Tensor:  # [d_out, d_in] float32
+    return delta.dense() if isinstance(delta, Factored) else delta.float()
+
+
+def _is_4bit(base: nn.Module) -> bool:
+    return getattr(base.weight, "quant_state", None) is not None
+
+
+def _is_8bit(base: nn.Module) -> bool:
+    return base.weight.dtype == torch.int8
+
+
+class WeightPinner:
+    """Owns the base weights' pinned state; one pinned merge at a time.
+
+    Not thread-safe: the engine calls it on its own thread at a step boundary.
+    """
+
+    def __init__(self, layers: dict[str, LoraLinear]):
+        self.layers = layers
+        self._originals: dict[str, _Original] = {}
+        self.label: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.label is not None
+
+    def check_supported(self) -> None:
+        if any(_is_8bit(layer.base) for layer in self.layers.values()):
+            raise FailedPrecondition(
+                "pinning on an int8 base is not supported; use nf4 or an unquantized base"
+            )
+
+    def pin(self, deltas: dict[str, Factored | torch.Tensor], label: str) -> float:
+        """Fold `deltas` (module name → ΔW) into the base; replaces any pinned merge.
+        Returns the seconds it took."""
+        self.check_supported()
+        start = time.perf_counter()
+        self.unpin()
+        for name, delta in deltas.items():
+            base = self.layers[name].base
+            self._originals[name] = _Original(base.weight.data, getattr(base.weight, "quant_state", None))
+            if _is_4bit(base):
+                self._fold_4bit(base, _dense(delta))
+            else:
+                w = base.weight.data
+                base.weight.data = (w.float() + _dense(delta).to(w.device)).to(w.dtype)
+        self.label = label
+        return time.perf_counter() - start
+
+    def unpin(self) -> float:
+        """Restore every original weight object; a no-op when nothing is pinned."""
+        start = time.perf_counter()
+        for name, orig in self._originals.items():
+            weight = self.layers[name].base.weight
+            weight.data = orig.data
+            if orig.quant_state is not None:
+                weight.quant_state = orig.quant_state
+        self._originals.clear()
+        self.label = None
+        return time.perf_counter() - start
+
+    @staticmethod
+    def _fold_4bit(base: nn.Module, delta: torch.Tensor) -> None:
+        import bitsandbytes.functional as bnbf
+
+        weight, qs = base.weight, base.weight.quant_state
+        dense = bnbf.dequantize_4bit(weight.data, qs).float()  # [d_out, d_in]
+        packed, new_qs = bnbf.quantize_4bit(
+            (dense + delta.to(dense.device)).to(qs.dtype),
+            blocksize=qs.blocksize,
+            quant_type=qs.quant_type,
+            compress_statistics=qs.nested,
+            quant_storage=weight.data.dtype,
+        )
+        weight.data = packed
+        weight.quant_state = new_qs

@@ -1,0 +1,131 @@
+"""Pin / unpin: exact fold into the base, bit-for-bit restore, swaps at a drained
+step boundary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.app import build_engine
+from loramux.config import AdapterConfig, EngineConfig, ModelConfig
+from loramux.engine.sampling import SamplingParams
+from loramux.engine.types import GenerationRequest
+from loramux.errors import FailedPrecondition
+from loramux.merging.spec import MixSpec
+
+PROMPT = "The quick brown fox"
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+
+def _engine(model_dir, root, quantization="none"):
+    return build_engine(
+        EngineConfig(
+            model=ModelConfig(path=model_dir, quantization=quantization),
+            adapters=AdapterConfig(roots=[root], max_rank=32),
+        )
+    )
+
+
+def _weights(engine) -> dict[str, torch.Tensor]:
+    """Every tensor that defines the base model, including 4-bit absmax."""
+    out = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+    for name, layer in engine.pinner.layers.items():
+        qs = getattr(layer.base.weight, "quant_state", None)
+        if qs is not None:
+            out[name + ".absmax"] = qs.absmax.clone()
+    return out
+
+
+def _logits(engine, **sel):
+    return engine.prompt_logits([GenerationRequest(prompt=PROMPT, **sel)])[0]
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_hundred_cycles_restore_every_tensor_bit_for_bit(tiny_llama_dir, adapter_root, quantization):
+    engine = _engine(tiny_llama_dir, adapter_root, quantization)
+    loaded = _weights(engine)
+    for i in range(100):
+        engine.pin(GenerationRequest(adapter=("x", "y", "z")[i % 3]))
+        engine.unpin()
+    after = _weights(engine)
+    assert loaded.keys() == after.keys()
+    for k in loaded:
+        assert torch.equal(loaded[k], after[k]), k
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_pinned_model_matches_peft_merged(tiny_llama_dir, adapter_root, quantization):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = None
+    if quantization == "nf4":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=q, device_map="cpu" if q else None)
+    ref = PeftModel.from_pretrained(base, adapter_root / "x")
+    ref.merge_adapter()  # PEFT folds into the (de/re-quantized) base weights too
+    ids = _engine(tiny_llama_dir, adapter_root).tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits[0]
+    engine = _engine(tiny_llama_dir, adapter_root, quantization)
+    seconds = engine.pin(GenerationRequest(adapter="x"))
+    assert engine.pinned == "adapter:x" and seconds > 0
+    tol = 1e-4 if quantization == "none" else 5e-2
+    torch.testing.assert_close(_logits(engine), want, rtol=tol, atol=tol)
+
+
+def test_pin_of_linear_mix_equals_the_mix_served_per_request(tiny_llama_dir, adapter_root):
+    engine = _engine(tiny_llama_dir, adapter_root)
+    mix = MixSpec.build([("x", 0.6), ("y", 0.8)], "linear")
+    served = _logits(engine, mix=mix)
+    engine.pin(GenerationRequest(mix=mix))
+    torch.testing.assert_close(_logits(engine), served, rtol=1e-4, atol=1e-4)
+
+
+def test_replacing_a_pin_equals_pinning_fresh(tiny_llama_dir, adapter_root):
+    a = _engine(tiny_llama_dir, adapter_root)
+    a.pin(GenerationRequest(adapter="x"))
+    a.pin(GenerationRequest(adapter="y"))
+    b = _engine(tiny_llama_dir, adapter_root)
+    b.pin(GenerationRequest(adapter="y"))
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_swap_drains_running_rows_on_their_own_weights(tiny_llama_dir, adapter_root):
+    engine = _engine(tiny_llama_dir, adapter_root)
+    base_alone = engine.generate([GenerationRequest(prompt=PROMPT, sampling=GREEDY)])[0].token_ids
+    x_alone = engine.generate([GenerationRequest(prompt=PROMPT, adapter="x", sampling=GREEDY)])[0].token_ids
+    running = GenerationRequest(prompt=PROMPT, sampling=GREEDY)
+    engine.submit(running)
+    engine.step()
+    swap = engine.request_swap(engine._exact_deltas(GenerationRequest(adapter="x")), "adapter:x")
+    after = GenerationRequest(prompt=PROMPT, sampling=GREEDY)
+    engine.submit(after)  # queued behind the swap
+    results = {}
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.result:
+                results[ev.request_id] = ev.result.token_ids
+    assert swap.done.is_set() and engine.pinned == "adapter:x"
+    assert results[running.request_id] == base_alone  # finished on the old weights
+    assert results[after.request_id] == x_alone  # ran entirely on the pinned weights
+
+
+def test_requests_naming_adapters_while_pinned_are_refused_clearly(tiny_llama_dir, adapter_root):
+    engine = _engine(tiny_llama_dir, adapter_root)
+    engine.pin(GenerationRequest(adapter="x"))
+    with pytest.raises(FailedPrecondition, match="pinned"):
+        engine.submit(GenerationRequest(prompt=PROMPT, adapter="y"))
+    engine.unpin()
+    assert engine.pinned is None
+    engine.submit(GenerationRequest(prompt=PROMPT, adapter="y", sampling=GREEDY))
+    while engine.has_work():
+        engine.step()
+
+
+def test_int8_pin_is_refused(tiny_llama_dir, adapter_root):
+    engine = _engine(tiny_llama_dir, adapter_root, "int8")
+    with pytest.raises(FailedPrecondition, match="int8"):
+        engine.pin(GenerationRequest(adapter="x"))
+    assert engine.pinned is None and not engine.has_work()
