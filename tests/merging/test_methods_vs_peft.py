@@ -22,6 +22,7 @@ from peft.utils import merge_utils as peft
 
 from loramux.errors import InvalidArgument
 from loramux.merging import methods as M
+from tests.merging.test_methods import task_vectors
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -35,14 +36,6 @@ sign_method = st.sampled_from(["total", "frequency"])
 equal_weight = st.sampled_from([0.25, 0.5, 1.0, 2.0])
 
 
-@st.composite
-def task_vectors(draw, n_min=1, n_max=4):
-    shape = (draw(st.integers(1, 6)), draw(st.integers(1, 7)))
-    n = draw(st.integers(n_min, n_max))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    if draw(st.sampled_from(["normal", "integer"])) == "normal":
-        return [torch.randn(shape, generator=g) for _ in range(n)]
-    return [torch.randint(-3, 4, shape, generator=g).float() for _ in range(n)]
 
 
 def _w(ws):
