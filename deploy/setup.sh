@@ -8,7 +8,8 @@ VENV=${LORAMUX_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 stamp="$VENV/.loramux-setup"
-want=$(cat deploy/requirements.lock deploy/requirements-test.lock pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)
+want=$(cat deploy/requirements.lock deploy/requirements-test.lock pyproject.toml deploy/setup.sh \
+  deploy/gen_protos.sh protos/loramux/v1/*.proto | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want${1:-}" ]; then
   exit 0
 fi
@@ -27,5 +28,6 @@ if [ "${1:-}" = "--test" ]; then
   # torch and pydantic, and its full dependency set is large, hence --no-deps.
   pip install --no-deps "mergekit==0.1.5"
 fi
+bash deploy/gen_protos.sh "$VENV/bin/python"
 pip install --no-deps --no-build-isolation -e .
 echo "$want${1:-}" > "$stamp"

@@ -1,0 +1,1 @@
+"""The gRPC edge: protobuf ⇄ domain types, the engine thread, auth, metrics, serving."""
