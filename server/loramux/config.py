@@ -142,3 +142,119 @@ class EngineConfig:
         if self.max_batch_rows < 1:
             raise InvalidArgument("max_batch_rows must be at least 1")
         return self
+
+
+@dataclass
+class ServerConfig:
+    """The gRPC server around the engine.
+
+    host, port: where gRPC listens; port 0 picks a free port (see port_file).
+    metrics_host, metrics_port: HTTP /metrics for Prometheus; port 0 picks a free
+      port, -1 turns metrics off.
+    max_waiting: requests accepted beyond the running rows; more get RESOURCE_EXHAUSTED.
+    grace_seconds: on SIGTERM, how long in-flight requests may take to finish.
+    max_message_bytes: largest request message (prompt, chat) accepted.
+    tls_cert, tls_key: PEM files; with both set the server speaks TLS only.
+    tls_client_ca: PEM CA bundle; when set, clients must present a certificate it
+      signed (mutual TLS).
+    api_token_file, admin_token_file: files holding bearer tokens for Inference and
+      Admin RPCs (the API token guards Admin when no admin token is given).
+    export_root: directory Admin.Export writes into; None turns export off.
+    port_file: when set, "<grpc port> <metrics port>" is written here once serving.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9400
+    max_waiting: int = 256
+    grace_seconds: float = 30.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    api_token_file: Path | None = None
+    admin_token_file: Path | None = None
+    export_root: Path | None = None
+    port_file: Path | None = None
+
+    def validate(self) -> "ServerConfig":
+        for name in ("port", "metrics_port"):
+            value, low = getattr(self, name), -1 if name == "metrics_port" else 0
+            if not low <= value <= 65535:
+                raise InvalidArgument(f"server {name} must be in [{low}, 65535], got {value}")
+        if self.max_waiting < 0 or self.grace_seconds < 0:
+            raise InvalidArgument("server max_waiting and grace_seconds must be >= 0")
+        if self.max_message_bytes < 1024:
+            raise InvalidArgument("server max_message_bytes must be at least 1024")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("give both tls_cert and tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "api_token_file", "admin_token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise InvalidArgument(f"server {name}: no such file {path}")
+        if self.export_root is not None and not Path(self.export_root).is_dir():
+            raise InvalidArgument(f"server export_root: no such directory {self.export_root}")
+        return self
+
+
+# TOML section → the dataclass it fills ("engine" holds EngineConfig's own fields).
+_SECTIONS = {"model": ModelConfig, "adapters": AdapterConfig, "slots": SlotConfig,
+             "merges": MergeConfig, "server": ServerConfig}
+
+
+def load_toml(path: Path) -> tuple[EngineConfig, ServerConfig]:
+    """Read a TOML config file; unknown sections or keys and wrong types are errors."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise InvalidArgument(f"cannot read config file {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"config file {path} is not valid TOML: {e}") from e
+    unknown = set(data) - set(_SECTIONS) - {"engine"}
+    if unknown:
+        raise InvalidArgument(
+            f"config file {path}: unknown section(s) {sorted(unknown)}; "
+            f"known: {sorted(_SECTIONS) + ['engine']}"
+        )
+    parts = {name: _from_table(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    server = parts.pop("server")
+    engine = _from_table(EngineConfig, data.get("engine", {}), "engine", **parts)
+    return engine, server
+
+
+def _from_table(cls, table: dict, section: str, **given):
+    """Build dataclass `cls` from a TOML table, converting paths and checking types."""
+    import dataclasses
+    import typing
+
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"config [{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - set(given)
+    unknown = set(table) - known
+    if unknown:
+        raise InvalidArgument(f"config [{section}]: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    values = {k: _coerce(hints[k], v, f"[{section}] {k}") for k, v in table.items()}
+    return cls(**given, **values)
+
+
+def _coerce(hint, value, where: str):
+    text = str(hint)
+    if "Path" in text:
+        if isinstance(value, list) and "list" in text:
+            return [Path(v) for v in value]
+        if isinstance(value, str):
+            return Path(value)
+    elif "float" in text and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif "int" in text and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif "str" in text and isinstance(value, str):
+        return value
+    raise InvalidArgument(f"config {where}: expected {text}, got {value!r}")

@@ -28,5 +28,9 @@ class Unavailable(LoramuxError):
     """The server is starting up or draining."""
 
 
+class Unauthenticated(LoramuxError):
+    """The call carries no valid credentials for the service it calls."""
+
+
 class AdapterRefused(InvalidArgument):
     """An adapter on disk failed validation; the message says which check and why."""

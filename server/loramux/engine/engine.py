@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,12 +17,23 @@ from transformers import DynamicCache
 
 from loramux.adapters.slots import SlotPool
 from loramux.adapters.store import AdapterStore
+from loramux.adapters.types import LoraAdapter
 from loramux.config import EngineConfig
 from loramux.engine.batch import concat_caches, left_pad, positions, select_rows
 from loramux.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loramux.engine.sampling import RowSampler, sample_next
 from loramux.engine.sequence import Sequence
-from loramux.engine.types import GenerationRequest, GenerationResult, TokenEvent
+from loramux.engine.types import (
+    RESOLVED_ADAPTER,
+    RESOLVED_BASE,
+    RESOLVED_MERGE,
+    RESOLVED_MIX,
+    RESOLVED_PINNED,
+    GenerationRequest,
+    GenerationResult,
+    Resolution,
+    TokenEvent,
+)
 from loramux.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from loramux.merging.lowrank import Factored
 from loramux.merging.pinning import WeightPinner
@@ -95,7 +107,7 @@ class Engine:
         the engine thread (it drives steps until the swap is done); a server loop
         uses `request_swap` instead.
         """
-        return self._drive(self.request_swap(self._exact_deltas(selection), _label(selection)))
+        return self._drive(self.request_swap(self.exact_deltas(selection), selection_label(selection)))
 
     def unpin(self) -> float:
         return self._drive(self.request_swap(None, None))
@@ -121,7 +133,9 @@ class Engine:
     def pinned(self) -> str | None:
         return self.pinner.label
 
-    def _exact_deltas(self, selection: GenerationRequest):
+    def exact_deltas(self, selection: GenerationRequest):
+        """Uncompressed ΔW per module of the adapter, named merge or mix that
+        `selection` names (what pinning folds in and export writes)."""
         if selection.adapter is not None:
             adapter = self.store.get(selection.adapter)
             return {n: Factored(m.B.float() * m.scale, m.A.float()) for n, m in adapter.modules.items()}
@@ -152,6 +166,24 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self._batch.seqs) if self._batch else 0
+
+    def usage(self) -> "EngineUsage":
+        """Running and waiting requests and the adapters they name. Call on the
+        engine thread (it reads the running batch)."""
+        with self._lock:
+            waiting = list(self._waiting)
+        running = list(self._batch.seqs) if self._batch else []
+        return EngineUsage(len(running), len(waiting), _served_names(running), _served_names(waiting))
+
+    def abort_all(self) -> list[str]:
+        """Drop every running and waiting request (after a failed step, whose batch
+        state can no longer be trusted); returns their ids. Engine thread only."""
+        with self._lock:
+            seqs = list(self._waiting) + (self._batch.seqs if self._batch else [])
+            self._waiting.clear()
+            self._cancelled.clear()
+        self._batch = None
+        return [s.request_id for s in seqs]
 
     def has_work(self) -> bool:
         return bool(self._waiting) or self._batch is not None or self._pending_swap is not None
@@ -206,7 +238,7 @@ class Engine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1}"
             )
-        adapter, merge = self._resolve_selection(request)
+        adapter, resolution = self._resolve_selection(request)
         return Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -218,11 +250,11 @@ class Engine:
             adapter=adapter,
             # Keyed by content too, so a reloaded adapter never reuses a stale slot.
             slot_key=f"{adapter.name}@{adapter.content_hash}" if adapter else None,
-            merge=merge,
+            resolution=resolution,
         )
 
-    def _resolve_selection(self, request: GenerationRequest):
-        """(adapter or virtual merged adapter, merge report) for the request."""
+    def _resolve_selection(self, request: GenerationRequest) -> tuple[LoraAdapter | None, Resolution]:
+        """(adapter or virtual merged adapter, how it was found) for the request."""
         chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
         if len(chosen) > 1:
             raise InvalidArgument("give at most one of adapter, merge or mix")
@@ -234,12 +266,18 @@ class Engine:
                 "model until it is unpinned"
             )
         if request.adapter is not None:
-            return self.store.get(request.adapter), None
+            hit = request.adapter in self.store.cache
+            adapter = self.store.get(request.adapter)
+            return adapter, Resolution(RESOLVED_ADAPTER, request.adapter, hit)
         if request.merge is not None:
-            return self.merges.resolve(self.merges.get(request.merge))
+            adapter, report = self.merges.resolve(self.merges.get(request.merge))
+            return adapter, Resolution(RESOLVED_MERGE, request.merge, report.cache_hit, report)
         if request.mix is not None:
-            return self.merges.resolve(request.mix)
-        return None, None
+            adapter, report = self.merges.resolve(request.mix)
+            return adapter, Resolution(RESOLVED_MIX, request.mix.describe(), report.cache_hit, report)
+        if self.pinner.pinned:
+            return None, Resolution(RESOLVED_PINNED, self.pinner.label)
+        return None, Resolution(RESOLVED_BASE)
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if (request.prompt is None) == (request.messages is None):
@@ -323,6 +361,9 @@ class Engine:
         return out.logits[:, -1] if keep == 1 else out.logits
 
     def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        started = time.monotonic()
+        for s in seqs:
+            s.started_at = started
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad([s.prompt_ids for s in seqs], pad, self.device)
         cache = DynamicCache(config=self.model.config)
@@ -396,6 +437,22 @@ class Engine:
             self._deferred_release = (self._deferred_release - names) | still_used
 
 
+@dataclass(frozen=True)
+class EngineUsage:
+    """A snapshot of the engine's load. *_adapters: sorted names of the adapters and
+    named merges that running / waiting requests use (inline mixes are unnamed)."""
+
+    running: int
+    waiting: int
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+
+
+def _served_names(seqs: list[Sequence]) -> tuple[str, ...]:
+    kinds = (RESOLVED_ADAPTER, RESOLVED_MERGE)
+    return tuple(sorted({s.resolution.name for s in seqs if s.resolution.kind in kinds}))
+
+
 @dataclass
 class _Swap:
     """A queued pin (deltas set) or unpin (deltas None) and its outcome."""
@@ -407,7 +464,8 @@ class _Swap:
     error: Exception | None = None
 
 
-def _label(selection: GenerationRequest) -> str:
+def selection_label(selection: GenerationRequest) -> str:
+    """A short human label: adapter:NAME, merge:NAME or mix:METHOD(a=w,...)."""
     if selection.adapter is not None:
         return f"adapter:{selection.adapter}"
     if selection.merge is not None:

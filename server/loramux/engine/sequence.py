@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from loramux.engine.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -13,10 +14,11 @@ from loramux.engine.types import (
     FINISH_STOP,
     GenerationRequest,
     GenerationResult,
+    Resolution,
+    Timings,
     TokenEvent,
 )
 from loramux.adapters.types import LoraAdapter
-from loramux.merging.materialize import MergeReport
 from loramux_kernels import NO_SLOT
 
 
@@ -32,7 +34,11 @@ class Sequence:
     adapter: LoraAdapter | None = None
     slot_key: str | None = None  # key in the slot pool; None for the base model
     slot: int = NO_SLOT  # device slot while admitted
-    merge: MergeReport | None = None
+    resolution: Resolution = field(default_factory=Resolution)
+    # time.monotonic() stamps: accepted by submit, first forward step, first token.
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
@@ -44,6 +50,8 @@ class Sequence:
 
     def accept(self, token_id: int) -> TokenEvent:
         """Record a sampled token; return what it adds to the stream."""
+        if not self.generated:
+            self.first_token_at = time.monotonic()
         self.generated.append(token_id)
         self.sampler.observe(token_id)
         params = self.request.sampling
@@ -77,8 +85,15 @@ class Sequence:
             token_ids=list(self.generated),
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids),
-            merge=self.merge,
+            resolution=self.resolution,
+            timings=self._timings(),
         )
+
+    def _timings(self) -> Timings:
+        t0, now = self.submitted_at, time.monotonic()
+        started = self.started_at if self.started_at is not None else now
+        first = self.first_token_at if self.first_token_at is not None else now
+        return Timings(queue=started - t0, first_token=first - t0, total=now - t0)
 
     @property
     def finished(self) -> bool:

@@ -38,6 +38,39 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+RESOLVED_BASE = "base"
+RESOLVED_PINNED = "pinned"
+RESOLVED_ADAPTER = "adapter"
+RESOLVED_MERGE = "merge"
+RESOLVED_MIX = "mix"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How a request's weights were found.
+
+    kind: base | pinned (no selection; the pinned merge answered) | adapter |
+      merge (a named merge) | mix (an inline mix).
+    name: the adapter, merge or pinned label; the mix's description.
+    cache_hit: the adapter was in the host cache, or the mix in the merge cache.
+    merge: how a merge or mix was served (method, rank, error, seconds).
+    """
+
+    kind: str = RESOLVED_BASE
+    name: str | None = None
+    cache_hit: bool = False
+    merge: MergeReport | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds from the moment the engine accepted the request (submit)."""
+
+    queue: float = 0.0  # until its first forward step (prefill) began
+    first_token: float = 0.0
+    total: float = 0.0
+
+
 @dataclass
 class GenerationResult:
     request_id: str
@@ -45,8 +78,13 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
-    error: str | None = None
-    merge: MergeReport | None = None  # how a merge or mix was resolved
+    resolution: Resolution = field(default_factory=Resolution)
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def merge(self) -> MergeReport | None:
+        """How a merge or mix was resolved (None for base and plain adapters)."""
+        return self.resolution.merge
 
     @property
     def completion_tokens(self) -> int:

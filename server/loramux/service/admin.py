@@ -1,0 +1,140 @@
+"""loramux.v1.Admin: adapters, named merges, pin/unpin, export, server info."""
+
+from __future__ import annotations
+
+import loramux
+from loramux.adapters.naming import validate_adapter_name
+from loramux.engine.engine import selection_label
+from loramux.engine.types import GenerationRequest
+from loramux.errors import FailedPrecondition, InvalidArgument
+from loramux.merging import export
+from loramux.merging.methods import METHODS
+from loramux.service import convert
+from loramux.service.handlers import ServerState, unary
+from loramux_api.v1 import loramux_pb2 as pb
+from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    # ---- adapters ------------------------------------------------------------
+
+    @unary("ListAdapters")
+    async def ListAdapters(self, request, context):
+        store = self.state.ready().engine.store
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in store.list()])
+
+    @unary("LoadAdapter")
+    async def LoadAdapter(self, request, context):
+        st = self.state.ready()
+        store = st.engine.store
+        await st.runner.call(store.pin if request.keep else store.load, request.name)
+        info = next((a for a in store.list() if a.name == request.name), None)
+        if info is None:  # evicted again at once: the cache is too small for it
+            raise FailedPrecondition(f"adapter {request.name!r} loaded but was evicted at once")
+        return convert.adapter_info(info)
+
+    @unary("UnloadAdapter")
+    async def UnloadAdapter(self, request, context):
+        store = self.state.ready().engine.store
+        validate_adapter_name(request.name)
+        if any(a.name == request.name and a.pinned for a in store.list()):
+            store.unpin(request.name)  # unload drops the operator's keep as well
+        store.unload(request.name)
+        return pb.UnloadAdapterResponse()
+
+    # ---- named merges --------------------------------------------------------
+
+    @unary("CreateMerge")
+    async def CreateMerge(self, request, context):
+        st = self.state.ready()
+        spec = convert.mix_spec(request.mix)
+        report = await st.runner.call(st.engine.merges.create, request.name, spec, request.replace)
+        return convert.merge_info(request.name, spec, report)
+
+    @unary("ListMerges")
+    async def ListMerges(self, request, context):
+        named = self.state.ready().engine.merges.list()
+        return pb.ListMergesResponse(merges=[convert.merge_info(n, s, None) for n, s in sorted(named.items())])
+
+    @unary("DeleteMerge")
+    async def DeleteMerge(self, request, context):
+        self.state.ready().engine.merges.delete(request.name)
+        return pb.DeleteMergeResponse()
+
+    # ---- pinning -------------------------------------------------------------
+
+    @unary("Pin")
+    async def Pin(self, request, context):
+        st = self.state.ready()
+        selection = GenerationRequest(prompt="", **convert.selection(request))
+        if selection.adapter is None and selection.merge is None and selection.mix is None:
+            raise InvalidArgument("pin needs an adapter, a merge name or a mix")
+        async with st.weights_lock:
+            deltas = await st.runner.call(st.engine.exact_deltas, selection)
+            label = selection_label(selection)
+            seconds = await st.runner.swap(deltas, label)
+        st.metrics.observe_swap("pin", seconds, label)
+        return pb.PinResponse(pinned=label, swap_seconds=seconds)
+
+    @unary("Unpin")
+    async def Unpin(self, request, context):
+        st = self.state.ready()
+        async with st.weights_lock:
+            if st.engine.pinned is None:
+                raise FailedPrecondition("nothing is pinned")
+            seconds = await st.runner.swap(None, None)
+        st.metrics.observe_swap("unpin", seconds, None)
+        return pb.PinResponse(pinned="", swap_seconds=seconds)
+
+    # ---- export --------------------------------------------------------------
+
+    @unary("Export")
+    async def Export(self, request, context):
+        st = self.state.ready()
+        if st.export_root is None:
+            raise FailedPrecondition("export is off; start the server with --export-root DIR")
+        validate_adapter_name(request.destination)
+        out_dir = st.export_root / request.destination
+        if request.WhichOneof("source") == "pinned_model":
+            async with st.weights_lock:
+                if st.engine.pinned is None:
+                    raise FailedPrecondition("nothing is pinned; pin a merge before exporting the model")
+                report = await st.runner.call(export.export_pinned, st.engine, out_dir)
+        else:
+            selection = GenerationRequest(prompt="", **convert.selection(request))
+            if selection.adapter is None and selection.merge is None and selection.mix is None:
+                raise InvalidArgument("export needs an adapter, a merge, a mix or pinned_model")
+            report = await st.runner.call(export.export_selection, st.engine, selection, out_dir)
+        return pb.ExportResponse(
+            path=str(report.path), bytes=report.bytes, rank=report.rank,
+            relative_error=report.relative_error,
+        )
+
+    # ---- info ----------------------------------------------------------------
+
+    @unary("ServerInfo")
+    async def ServerInfo(self, request, context):
+        st = self.state.ready()
+        e, usage = st.engine, st.runner.usage
+        loaded, host, merges = e.loaded, e.store.cache, e.merges.cache
+        return pb.ServerInfoResponse(
+            version=loramux.__version__,
+            base_model=loaded.spec.name,
+            model_fingerprint=loaded.spec.fingerprint,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            quantization=loaded.quantization,
+            pinned=e.pinned or "",
+            adapter_cache=convert.cache_usage(host.capacity_bytes, host.bytes_used, host.count),
+            merge_cache=convert.cache_usage(merges.capacity_bytes, merges.bytes_used, merges.count),
+            device_slots=e.pool.num_slots,
+            device_slots_used=len(e.pool.resident()),
+            max_rank=e.pool.max_rank,
+            running_requests=usage.running,
+            waiting_requests=usage.waiting,
+            max_batch_rows=e.config.max_batch_rows,
+            merge_methods=sorted(METHODS),
+        )

@@ -1,0 +1,56 @@
+"""Bearer-token authentication as a grpc.aio server interceptor.
+
+Inference RPCs need the API token, Admin RPCs the admin token (the API token when
+no admin token is configured). Health and reflection stay open: probes and tools
+must reach them without secrets. Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+INFERENCE_PREFIX = "/loramux.v1.Inference/"
+ADMIN_PREFIX = "/loramux.v1.Admin/"
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, api_token: str | None, admin_token: str | None):
+        self._tokens = {INFERENCE_PREFIX: api_token, ADMIN_PREFIX: admin_token or api_token}
+
+    def _required(self, method: str) -> tuple[str | None, str]:
+        for prefix, token in self._tokens.items():
+            if method.startswith(prefix):
+                return token, "admin" if prefix == ADMIN_PREFIX else "API"
+        return None, ""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        token, which = self._required(details.method)
+        handler = await continuation(details)
+        if token is None or handler is None:
+            return handler
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return handler
+        message = (
+            f"missing or wrong {which} token: send metadata 'authorization: Bearer <token>'"
+        )
+        return _denied(handler, message)
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that answers UNAUTHENTICATED."""
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = dict(request_deserializer=handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)

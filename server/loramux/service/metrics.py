@@ -1,0 +1,169 @@
+"""Prometheus metrics, all in one injected registry.
+
+Events (latencies, tokens, steps, merges, swaps) are recorded as they happen by
+the runner and the servicers. State that already lives elsewhere (cache counters,
+queue gauges) is read at scrape time by a collector, so the caches never import
+prometheus and the numbers can never drift from the truth.
+
+Conventions: one prefix `loramux_`, base units, `_total` counters, histograms for
+latency, and only bounded label values (RPC names, status codes, finish reasons,
+merge methods, cache tiers). The `vllm:` gauges are the names the Kubernetes
+Gateway API Inference Extension reads for adapter-affinity routing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+from loramux.engine.types import GenerationResult
+
+PREFIX = "loramux"
+
+# Seconds, from a fast CPU decode step (tens of ms) to long generations.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Event metrics. `registry` is owned by the caller (one per server)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+        def hist(name, doc, labels=(), buckets=_LATENCY_BUCKETS):
+            return Histogram(f"{PREFIX}_{name}", doc, labels, registry=registry, buckets=buckets)
+
+        self.requests = Counter(
+            f"{PREFIX}_requests", "RPCs answered, by method and gRPC status code",
+            ["rpc", "code"], registry=registry,
+        )
+        self.finished = Counter(
+            f"{PREFIX}_generations_finished", "Generations that ended, by finish reason",
+            ["reason"], registry=registry,
+        )
+        self.e2e = hist("request_duration_seconds", "Generation time from acceptance to the last token")
+        self.queue = hist("queue_wait_seconds", "Time from acceptance to the first forward step")
+        self.ttft = hist("time_to_first_token_seconds", "Time from acceptance to the first token")
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of one request")
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.generated_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", registry=registry)
+        self.step = hist("step_duration_seconds", "Duration of one engine step (prefill and/or decode)")
+        self.rows = hist("batch_rows", "Rows decoding together in one step", buckets=_ROW_BUCKETS)
+        self.merge = hist("merge_duration_seconds", "Time to merge a mix (cache misses), by method", ["method"])
+        self.swap = hist("pin_swap_duration_seconds", "Time to fold in or restore base weights", ["op"])
+        self.pinned = Gauge(
+            f"{PREFIX}_pinned_merge_info", "1 for the merge folded into the base weights",
+            ["merge"], registry=registry,
+        )
+
+    # ---- recorded by the engine thread ----------------------------------------
+
+    def observe_step(self, seconds: float, rows: int) -> None:
+        self.step.observe(seconds)
+        if rows:
+            self.rows.observe(rows)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def observe_result(self, r: GenerationResult) -> None:
+        self.finished.labels(r.finish_reason).inc()
+        self.prompt_tokens.inc(r.prompt_tokens)
+        self.generated_tokens.inc(r.completion_tokens)
+        t = r.timings
+        self.e2e.observe(t.total)
+        self.queue.observe(t.queue)
+        if r.completion_tokens:
+            self.ttft.observe(t.first_token)
+        m = r.resolution.merge
+        if m is not None and not r.resolution.cache_hit:
+            self.merge.labels(m.method).observe(m.seconds)
+
+    # ---- recorded by the servicers ---------------------------------------------
+
+    def observe_rpc(self, rpc: str, code: str) -> None:
+        self.requests.labels(rpc, code).inc()
+
+    def observe_swap(self, op: str, seconds: float, pinned: str | None) -> None:
+        self.swap.labels(op).observe(seconds)
+        self.pinned.clear()
+        if pinned:
+            self.pinned.labels(pinned).set(1)
+
+
+class StateCollector:
+    """Scrape-time gauges and counters read from the live objects.
+
+    `state()` returns the current ServerState-like object or None before the model
+    is ready (then only the queue gauges, at 0, are exported)."""
+
+    def __init__(self, state: Callable[[], object | None]):
+        self._state = state
+
+    def describe(self):
+        return []  # collected lazily; nothing to validate at registration
+
+    def collect(self):
+        st = self._state()
+        usage = st.runner.usage if st is not None else None
+        running = usage.running if usage else 0
+        waiting = usage.waiting if usage else 0
+        yield _gauge(f"{PREFIX}_requests_running", "Requests decoding in the running batch", running)
+        yield _gauge(f"{PREFIX}_requests_waiting", "Requests accepted and not yet running", waiting)
+        yield _gauge("vllm:num_requests_running", "Requests running (vLLM-compatible name)", running)
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible name)", waiting)
+        if st is None:
+            return
+        yield _lora_info(st.engine.pool.num_slots, usage)
+        yield from _cache_metrics(st.engine)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _lora_info(max_lora: int, usage) -> GaugeMetricFamily:
+    """vLLM's adapter-affinity gauge: labels list the adapters in use, comma
+    separated without spaces; the value is the time of the reading."""
+    g = GaugeMetricFamily(
+        "vllm:lora_requests_info", "Adapters used by running and waiting requests",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    g.add_metric(
+        [str(max_lora), ",".join(usage.running_adapters), ",".join(usage.waiting_adapters)], time.time()
+    )
+    return g
+
+
+def _cache_metrics(engine):
+    """Hits, misses, evictions, bytes and entries per tier: host (raw adapters),
+    merge (merged mixes), device (slots)."""
+    host, merge, pool = engine.store.cache, engine.merges.cache, engine.pool
+    tiers = {"host": host.stats, "merge": merge.stats}
+    for what, doc in (("hits", "Lookups that found the entry"), ("misses", "Lookups that did not"),
+                      ("evictions", "Entries evicted to make room")):
+        c = CounterMetricFamily(f"{PREFIX}_adapter_cache_{what}", f"{doc}, per cache tier", labels=["tier"])
+        for tier, stats in tiers.items():
+            c.add_metric([tier], getattr(stats, what))
+        c.add_metric(["device"], getattr(pool.stats, what))
+        yield c
+    used = GaugeMetricFamily(f"{PREFIX}_adapter_cache_bytes", "Bytes held, per cache tier", labels=["tier"])
+    cap = GaugeMetricFamily(f"{PREFIX}_adapter_cache_capacity_bytes", "Byte capacity, per tier", labels=["tier"])
+    count = GaugeMetricFamily(f"{PREFIX}_adapter_cache_entries", "Entries held, per cache tier", labels=["tier"])
+    for tier, cache in (("host", host), ("merge", merge)):
+        used.add_metric([tier], cache.bytes_used)
+        cap.add_metric([tier], cache.capacity_bytes)
+        count.add_metric([tier], cache.count)
+    used.add_metric(["device"], pool.nbytes)
+    cap.add_metric(["device"], pool.nbytes)
+    count.add_metric(["device"], len(pool.resident()))
+    yield from (used, cap, count)
+    load = SummaryMetricFamily(
+        f"{PREFIX}_adapter_load_seconds", "Time spent reading and validating adapters from disk",
+        count_value=tiers["host"].loads, sum_value=tiers["host"].load_seconds_total,
+    )
+    yield load
