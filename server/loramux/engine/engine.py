@@ -34,7 +34,8 @@ from loramux.engine.types import (
     Resolution,
     TokenEvent,
 )
-from loramux.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loramux.errors import FailedPrecondition, InvalidArgument, LoramuxError, ResourceExhausted
+from loramux.merging.compensation import compensated_adapter
 from loramux.merging.lowrank import Factored
 from loramux.merging.pinning import WeightPinner
 from loramux.merging.service import MergeService
@@ -69,6 +70,10 @@ class Engine:
         self.loaded, self.store, self.pool, self.ctx, self.config = loaded, store, pool, ctx, config
         self.merges, self.pinner = merges, pinner
         self._pending_swap: _Swap | None = None
+        # Bumped by every pin/unpin; a waiting row made for an older epoch is rebound.
+        self._pin_epoch = 0
+        self._pin_factors: dict[str, Factored] | None = None  # P, when compensable
+        self._pin_refusal: str | None = None  # why it is not, while pinned
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.eos_ids = _eos_ids(loaded)
         self.max_len = _max_len(loaded, config.max_seq_len)
@@ -155,9 +160,53 @@ class Engine:
                 swap.seconds = self.pinner.pin(swap.deltas, swap.label)
         except Exception as e:  # reported to the caller, the engine goes on
             swap.error = e
+        self._pin_epoch += 1
+        self._pin_factors, self._pin_refusal = self._compensation_for(swap.deltas)
         with self._lock:
             self._pending_swap = None
         swap.done.set()
+
+    def _compensation_for(self, deltas) -> tuple[dict | None, str | None]:
+        if not self.pinner.pinned:
+            return None, None
+        if self.pinner.quantized:
+            return None, "the base is 4-bit, so adapters cannot be served exactly on top of it"
+        if not all(isinstance(d, Factored) for d in deltas.values()):
+            return None, "its ΔW is dense (not low rank), so it cannot be subtracted exactly per request"
+        return deltas, None
+
+    def _on_current_weights(self, requested: LoraAdapter | None) -> LoraAdapter | None:
+        """What a row must add so it computes W + ΔW_requested on the current base:
+        `requested` itself, or requested − P while a merge P is pinned."""
+        if requested is None or not self.pinner.pinned:
+            return requested
+        if self._pin_factors is None:
+            raise FailedPrecondition(
+                f"{self.pinner.label} is pinned and {self._pin_refusal}; requests naming an "
+                "adapter, merge or mix are refused until it is unpinned"
+            )
+        pin_id = f"pin{self._pin_epoch}"
+        return self.merges.cache.get_or_load(
+            f"{requested.name}~{pin_id}",
+            lambda: compensated_adapter(requested, self._pin_factors, pin_id, self.pool.max_rank),
+        )
+
+    def _rebind_waiting(self) -> list[TokenEvent]:
+        """Waiting rows resolved before the last pin/unpin get their adapter for the
+        weights they will run on; a row that cannot be served ends with an error."""
+        with self._lock:
+            stale = [s for s in self._waiting if s.pin_epoch != self._pin_epoch]
+        failed: dict[str, tuple[Sequence, str]] = {}
+        for seq in stale:
+            try:
+                seq.adapter, seq.pin_epoch = self._on_current_weights(seq.requested), self._pin_epoch
+            except LoramuxError as e:
+                failed[seq.request_id] = (seq, str(e))
+        if not failed:
+            return []
+        with self._lock:
+            self._waiting = collections.deque(s for s in self._waiting if s.request_id not in failed)
+        return [seq.fail(message) for seq, message in failed.values()]
 
     @property
     def num_waiting(self) -> int:
@@ -223,6 +272,8 @@ class Engine:
         requests, then decode one token for every running row."""
         events = self._drop_cancelled()
         self._apply_pending_swap()
+        if self._pending_swap is None:
+            events += self._rebind_waiting()
         admitted = [] if self._pending_swap is not None else self._admit()
         if admitted:
             events += self._prefill(admitted)
@@ -238,7 +289,7 @@ class Engine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1}"
             )
-        adapter, resolution = self._resolve_selection(request)
+        requested, resolution = self._resolve_selection(request)
         return Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -247,9 +298,9 @@ class Engine:
             stopper=StopMatcher(request.sampling.stop),
             eos_ids=self.eos_ids,
             max_len=self.max_len,
-            adapter=adapter,
-            # Keyed by content too, so a reloaded adapter never reuses a stale slot.
-            slot_key=f"{adapter.name}@{adapter.content_hash}" if adapter else None,
+            adapter=self._on_current_weights(requested),
+            requested=requested,
+            pin_epoch=self._pin_epoch,
             resolution=resolution,
         )
 
@@ -258,13 +309,6 @@ class Engine:
         chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
         if len(chosen) > 1:
             raise InvalidArgument("give at most one of adapter, merge or mix")
-        if chosen and self.pinner.pinned:
-            # Exact compensation (adapter − pinned ΔW) is not implemented yet; an
-            # answer computed on top of the pinned weights would be silently wrong.
-            raise FailedPrecondition(
-                f"merge {self.pinner.label!r} is pinned; requests can only use the pinned "
-                "model until it is unpinned"
-            )
         if request.adapter is not None:
             hit = request.adapter in self.store.cache
             adapter = self.store.get(request.adapter)

@@ -10,6 +10,7 @@ from loramux.engine.sampling import RowSampler
 from loramux.engine.types import (
     FINISH_CANCELLED,
     FINISH_EOS,
+    FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationRequest,
@@ -31,8 +32,9 @@ class Sequence:
     stopper: StopMatcher
     eos_ids: frozenset[int]
     max_len: int  # prompt + generated tokens may not exceed this
-    adapter: LoraAdapter | None = None
-    slot_key: str | None = None  # key in the slot pool; None for the base model
+    adapter: LoraAdapter | None = None  # what the row computes with (compensated while pinned)
+    requested: LoraAdapter | None = None  # the adapter or merge the request named
+    pin_epoch: int = 0  # the engine's pin epoch `adapter` was made for
     slot: int = NO_SLOT  # device slot while admitted
     resolution: Resolution = field(default_factory=Resolution)
     # time.monotonic() stamps: accepted by submit, first forward step, first token.
@@ -42,11 +44,18 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
     cancelled: bool = False
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def slot_key(self) -> str | None:
+        """Key in the slot pool (None for the base model). Keyed by content too, so
+        a reloaded adapter never reuses a stale slot."""
+        return f"{self.adapter.name}@{self.adapter.content_hash}" if self.adapter else None
 
     def accept(self, token_id: int) -> TokenEvent:
         """Record a sampled token; return what it adds to the stream."""
@@ -76,6 +85,11 @@ class Sequence:
         self.finish_reason = FINISH_CANCELLED
         return TokenEvent(self.request_id, "", None, self._result_if_done())
 
+    def fail(self, message: str) -> TokenEvent:
+        """End before running (e.g. its adapter cannot be served on new weights)."""
+        self.finish_reason, self.error = FINISH_ERROR, message
+        return TokenEvent(self.request_id, "", None, self._result_if_done())
+
     def _result_if_done(self) -> GenerationResult | None:
         if self.finish_reason is None:
             return None
@@ -87,6 +101,7 @@ class Sequence:
             prompt_tokens=len(self.prompt_ids),
             resolution=self.resolution,
             timings=self._timings(),
+            error=self.error,
         )
 
     def _timings(self) -> Timings:

@@ -80,6 +80,7 @@ class GenerationResult:
     prompt_tokens: int
     resolution: Resolution = field(default_factory=Resolution)
     timings: Timings = field(default_factory=Timings)
+    error: str | None = None  # set when finish_reason is "error"
 
     @property
     def merge(self) -> MergeReport | None:

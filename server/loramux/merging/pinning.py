@@ -8,6 +8,7 @@ cycles run: nothing is ever subtracted or requantized on the way back.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -52,6 +53,11 @@ class WeightPinner:
     def pinned(self) -> bool:
         return self.label is not None
 
+    @property
+    def quantized(self) -> bool:
+        """Some target layer is 4-bit: pinning re-quantizes, so (W + P) − P ≠ W."""
+        return any(_is_4bit(layer.base) for layer in self.layers.values())
+
     def check_supported(self) -> None:
         if any(_is_8bit(layer.base) for layer in self.layers.values()):
             raise FailedPrecondition(
@@ -92,7 +98,7 @@ class WeightPinner:
         import bitsandbytes.functional as bnbf
 
         weight, qs = base.weight, base.weight.quant_state
-        dense = bnbf.dequantize_4bit(weight.data, qs).float()  # [d_out, d_in]
+        dense = dequantize_4bit_weight(weight).float()  # [d_out, d_in]
         packed, new_qs = bnbf.quantize_4bit(
             (dense + delta.to(dense.device)).to(qs.dtype),
             blocksize=qs.blocksize,
@@ -102,3 +108,22 @@ class WeightPinner:
         )
         weight.data = packed
         weight.quant_state = new_qs
+
+
+def dequantize_4bit_weight(w) -> torch.Tensor:  # [d_out, d_in]
+    """bitsandbytes' dequantization of a 4-bit weight as it is now, without touching it.
+
+    On CPUs with AVX512-BF16, bnb repacks a Linear4bit in place at its first forward
+    (packing_format_for_cpu: nibbles tiled for its kernel, absmax cast to bf16 and
+    stored transposed, [K/blocksize, N]); dequantize_4bit does not understand that
+    layout. Undo it on copies; the bf16 absmax is what that kernel multiplies by.
+    """
+    import bitsandbytes.functional as bnbf
+
+    qs = w.quant_state
+    if not getattr(qs, "packing_format_for_cpu", False):
+        return bnbf.dequantize_4bit(w.data, qs)
+    absmax = qs.absmax.t().reshape(-1).float()  # [N * K/blocksize], row-major blocks
+    data, qs = bnbf._convert_weight_packed_for_cpu_inverse(w.data, copy.copy(qs))
+    qs.absmax, qs.nested = absmax, False  # the inverse leaves absmax transposed
+    return bnbf.dequantize_4bit(data, qs)
