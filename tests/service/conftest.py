@@ -14,7 +14,7 @@ from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
 def tiny_engine_config(model_dir, adapter_root, **engine) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(path=model_dir),
-        adapters=AdapterConfig(roots=[adapter_root], max_rank=32),
+        adapters=AdapterConfig(roots=[adapter_root], max_rank=64),
         **engine,
     )
 

@@ -21,7 +21,7 @@ from typing import AsyncIterator, Callable
 
 from loramux.engine.engine import Engine, EngineUsage
 from loramux.engine.types import GenerationRequest, TokenEvent
-from loramux.errors import LoramuxError, ResourceExhausted, Unavailable
+from loramux.errors import FailedPrecondition, LoramuxError, ResourceExhausted, Unavailable
 from loramux.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -228,10 +228,13 @@ class EngineRunner:
             if tracked.last_token_at is not None:
                 self.metrics.observe_inter_token(now - tracked.last_token_at)
             tracked.last_token_at = now
+        item: TokenEvent | Exception = ev
         if ev.result is not None:
             self.metrics.observe_result(ev.result)
             self._untrack(ev.request_id)
-        self._loop.call_soon_threadsafe(tracked.queue.put_nowait, ev)
+            if ev.result.error is not None:  # ended before running (see Sequence.fail)
+                item = FailedPrecondition(ev.result.error)
+        self._loop.call_soon_threadsafe(tracked.queue.put_nowait, item)
 
     def _fail(self, request_ids: list[str], cause: Exception) -> None:
         err = EngineFailure(f"the engine failed while running this request: {cause!r}")
