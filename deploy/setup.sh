@@ -27,6 +27,13 @@ if [ "${1:-}" = "--test" ]; then
   # mergekit is a test-only reference; the functions the tests call need only
   # torch and pydantic, and its full dependency set is large, hence --no-deps.
   pip install --no-deps "mergekit==0.1.5"
+  # A real Prometheus scrapes the server in tests/service/test_prometheus.py.
+  if ! command -v prometheus >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q prometheus >/dev/null || {
+      $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q prometheus >/dev/null; }
+  fi
 fi
 bash deploy/gen_protos.sh "$VENV/bin/python"
 pip install --no-deps --no-build-isolation -e .

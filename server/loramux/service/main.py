@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from loramux.config import EngineConfig, ServerConfig, load_toml
 from loramux.engine.engine import Engine
@@ -28,7 +28,7 @@ from loramux.service.admin import AdminService
 from loramux.service.auth import BearerTokenAuth
 from loramux.service.handlers import ServerState
 from loramux.service.inference import InferenceService
-from loramux.service.metrics import Metrics, StateCollector
+from loramux.service.metrics import Metrics, StateCollector, serve_metrics
 from loramux.service.runner import EngineRunner, RunnerLimits
 from loramux_api.v1 import loramux_pb2 as pb
 from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
@@ -70,9 +70,7 @@ class LoramuxServer:
         self._grpc = self._build_grpc()
         await self._grpc.start()
         if self.cfg.metrics_port >= 0:
-            self._http, thread = start_http_server(
-                self.cfg.metrics_port, addr=self.cfg.metrics_host, registry=self.registry
-            )
+            self._http = serve_metrics(self.registry, self.cfg.metrics_host, self.cfg.metrics_port)
             self.metrics_port = self._http.server_port
         engine: Engine = await asyncio.get_running_loop().run_in_executor(None, self._engine_factory)
         runner = EngineRunner(
@@ -98,6 +96,7 @@ class LoramuxServer:
             runner.stop()
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
 
     async def _set_health(self, status) -> None:
         for name in ("",) + SERVICE_NAMES:

@@ -13,10 +13,12 @@ Gateway API Inference Extension reads for adapter-affinity routing.
 
 from __future__ import annotations
 
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from loramux.engine.types import GenerationResult
@@ -167,3 +169,34 @@ def _cache_metrics(engine):
         count_value=tiers["host"].loads, sum_value=tiers["host"].load_seconds_total,
     )
     yield load
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry  # set on the subclass built by serve_metrics
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404, "metrics are at /metrics")
+            return
+        body = generate_latest(self.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # scrapes are not worth a log line each
+        pass
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> ThreadingHTTPServer:
+    """Serve `registry` at http://host:port/metrics from a daemon thread.
+
+    Always the Prometheus text format: prometheus-client's OpenMetrics output
+    rewrites `vllm:` sample names to `vllm_`, which the Gateway API Inference
+    Extension would not find."""
+    handler = type("Handler", (_MetricsHandler,), {"registry": registry})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="loramux-metrics", daemon=True).start()
+    return server
