@@ -88,6 +88,8 @@ def test_named_merge_is_served_like_the_inline_mix(inference, admin, in_process)
     r = inference.Generate(_request(merge="xy-ties"))
     assert list(r.token_ids) == in_process["mix"]
     assert r.resolution.kind == pb.Resolution.KIND_MERGE and r.resolution.cache_hit
-    assert [m.name for m in admin.ListMerges(pb.ListMergesRequest()).merges] == ["xy-ties"]
+    listed = admin.ListMerges(pb.ListMergesRequest()).merges
+    assert [m.name for m in listed] == ["xy-ties"] and listed[0].rank == info.rank
+    assert listed[0].relative_error == info.relative_error and listed[0].mix.method == "ties"
     admin.DeleteMerge(pb.DeleteMergeRequest(name="xy-ties"))
     assert not admin.ListMerges(pb.ListMergesRequest()).merges

@@ -26,6 +26,7 @@ class MergeService:
         self.cache = HostAdapterCache(cfg.cache_bytes)
         self._reports: dict[str, MergeReport] = {}
         self._named: dict[str, MixSpec] = {}
+        self._named_reports: dict[str, MergeReport] = {}  # as merged at create()
         self._lock = threading.Lock()
         self.cache.subscribe(self._forget_report)
 
@@ -72,7 +73,13 @@ class MergeService:
         _, report = self.resolve(spec)
         with self._lock:
             self._named[name] = spec
+            self._named_reports[name] = report
         return report
+
+    def report_of(self, name: str) -> MergeReport | None:
+        """How the named merge was served when it was created."""
+        with self._lock:
+            return self._named_reports.get(name)
 
     def get(self, name: str) -> MixSpec:
         with self._lock:
@@ -83,6 +90,7 @@ class MergeService:
 
     def delete(self, name: str) -> None:
         with self._lock:
+            self._named_reports.pop(name, None)
             if self._named.pop(name, None) is None:
                 raise NotFound(f"no merge named {name!r}")
 

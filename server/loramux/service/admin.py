@@ -56,8 +56,9 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary("ListMerges")
     async def ListMerges(self, request, context):
-        named = self.state.ready().engine.merges.list()
-        return pb.ListMergesResponse(merges=[convert.merge_info(n, s, None) for n, s in sorted(named.items())])
+        merges = self.state.ready().engine.merges
+        named = sorted(merges.list().items())
+        return pb.ListMergesResponse(merges=[convert.merge_info(n, s, merges.report_of(n)) for n, s in named])
 
     @unary("DeleteMerge")
     async def DeleteMerge(self, request, context):
