@@ -170,7 +170,10 @@ class Engine:
         if not self.pinner.pinned:
             return None, None
         if self.pinner.quantized:
-            return None, "the base is 4-bit, so adapters cannot be served exactly on top of it"
+            return None, (
+                "the base is quantized (re-quantizing with the merge moved every weight), "
+                "so adapters cannot be served exactly on top of it"
+            )
         if not all(isinstance(d, Factored) for d in deltas.values()):
             return None, "its ΔW is dense (not low rank), so it cannot be subtracted exactly per request"
         return deltas, None

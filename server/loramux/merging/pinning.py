@@ -23,7 +23,8 @@ from loramux.model.lora_layers import LoraLinear
 @dataclass
 class _Original:
     data: torch.Tensor
-    quant_state: object | None = None
+    quant_state: object | None = None  # 4-bit
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (CB, SCB) of an int8 layer
 
 
 def _dense(delta: Factored | torch.Tensor) -> torch.Tensor:  # [d_out, d_in] float32
@@ -55,14 +56,12 @@ class WeightPinner:
 
     @property
     def quantized(self) -> bool:
-        """Some target layer is 4-bit: pinning re-quantizes, so (W + P) − P ≠ W."""
-        return any(_is_4bit(layer.base) for layer in self.layers.values())
+        """Some target layer is 4- or 8-bit: pinning re-quantizes, so (W + P) − P ≠ W."""
+        return any(_is_4bit(layer.base) or _is_8bit(layer.base) for layer in self.layers.values())
 
     def check_supported(self) -> None:
-        if any(_is_8bit(layer.base) for layer in self.layers.values()):
-            raise FailedPrecondition(
-                "pinning on an int8 base is not supported; use nf4 or an unquantized base"
-            )
+        """Every base kind can be pinned (float, nf4/fp4, int8); kept as the hook
+        the engine calls before queueing a swap."""
 
     def pin(self, deltas: dict[str, Factored | torch.Tensor], label: str) -> float:
         """Fold `deltas` (module name → ΔW) into the base; replaces any pinned merge.
@@ -72,6 +71,10 @@ class WeightPinner:
         self.unpin()
         for name, delta in deltas.items():
             base = self.layers[name].base
+            if _is_8bit(base):
+                self._originals[name] = _Original(base.weight.data, int8=_int8_parts(base))
+                self._fold_8bit(base, _dense(delta))
+                continue
             self._originals[name] = _Original(base.weight.data, getattr(base.weight, "quant_state", None))
             if _is_4bit(base):
                 self._fold_4bit(base, _dense(delta))
@@ -86,12 +89,26 @@ class WeightPinner:
         start = time.perf_counter()
         for name, orig in self._originals.items():
             weight = self.layers[name].base.weight
+            if orig.int8 is not None:
+                _set_int8(self.layers[name].base, *orig.int8)
+                continue
             weight.data = orig.data
             if orig.quant_state is not None:
                 weight.quant_state = orig.quant_state
         self._originals.clear()
         self.label = None
         return time.perf_counter() - start
+
+    @staticmethod
+    def _fold_8bit(base: nn.Module, delta: torch.Tensor) -> None:
+        """LLM.int8 row-wise: W = CB · SCB / 127; requantize W + ΔW the way
+        bitsandbytes quantizes a checkpoint (from float16)."""
+        import bitsandbytes.functional as bnbf
+
+        CB, SCB = _int8_parts(base)
+        dense = CB.float() * (SCB.float().unsqueeze(1) / 127.0)  # [d_out, d_in]
+        new_CB, new_SCB, _ = bnbf.int8_vectorwise_quant((dense + delta.to(dense.device)).to(torch.float16))
+        _set_int8(base, new_CB, new_SCB)
 
     @staticmethod
     def _fold_4bit(base: nn.Module, delta: torch.Tensor) -> None:
@@ -127,3 +144,20 @@ def dequantize_4bit_weight(w) -> torch.Tensor:  # [d_out, d_in]
     data, qs = bnbf._convert_weight_packed_for_cpu_inverse(w.data, copy.copy(qs))
     qs.absmax, qs.nested = absmax, False  # the inverse leaves absmax transposed
     return bnbf.dequantize_4bit(data, qs)
+
+
+def _int8_parts(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB [d_out, d_in] int8, SCB [d_out] float32) of a Linear8bitLt: on the weight
+    until its first forward, in its matmul state after (bnb moves them there)."""
+    w = base.weight
+    if getattr(w, "CB", None) is not None:
+        return w.CB, w.SCB
+    return base.state.CB, base.state.SCB
+
+
+def _set_int8(base: nn.Module, CB: torch.Tensor, SCB: torch.Tensor) -> None:
+    """Make a Linear8bitLt compute with (CB, SCB), as after its first forward."""
+    base.weight.data = CB
+    base.weight.CB, base.weight.SCB = None, None
+    base.state.CB, base.state.SCB = CB, SCB
+    base.state.idx = None  # outlier columns are recomputed from the new weights
