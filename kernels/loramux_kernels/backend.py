@@ -45,8 +45,13 @@ class TorchBackend:
             shrunk = torch.bmm(xs, a.transpose(1, 2))  # [k, m, R]
             if plan.block_mask is not None:
                 shrunk.mul_(plan.block_mask)  # padding rows add exactly zero
-            delta = torch.bmm(shrunk, bt)  # [k, m, d_out]
-            out.index_add_(0, plan.token_of_block, delta.view(k * m, -1))
+            delta = torch.bmm(shrunk, bt).view(k * m, -1)  # [k*m, d_out]
+            if plan.in_token_order:
+                out.add_(delta)
+            elif plan.block_of_token is not None:
+                out.add_(delta.index_select(0, plan.block_of_token))
+            else:
+                out.index_add_(0, plan.token_of_block, delta)
         else:  # segment
             for slot, idx in plan.groups:
                 xs = x.index_select(0, idx)  # [n_s, d_in]

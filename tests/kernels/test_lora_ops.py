@@ -22,6 +22,12 @@ CASES = {
     "mixed": [NO_SLOT, 0, 5, 0, 2, NO_SLOT, 5],
     "mixed_high_slots": [4, 5, 4, 5],
     "mixed_prefix": [1, 0, NO_SLOT, 0, 1, 1],
+    # decode with one row per adapter: block in token order (plain add)
+    "one_per_slot_in_order": [0, 1, 2, 3],
+    # one row per adapter, out of order (gather by the inverse permutation)
+    "one_per_slot_shuffled": [3, 0, 2, 1],
+    # base rows and no padding in the block: the scatter-add fallback
+    "base_rows_no_padding": [0, NO_SLOT, 1, NO_SLOT],
 }
 
 
@@ -40,6 +46,16 @@ def test_backend_matches_reference(case, small_max_tokens):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if case != "none":
         assert not torch.equal(got, base)  # the delta really was added
+
+
+def test_grouped_plans_pick_the_cheapest_way_back():
+    plan = lambda slots: plan_step(torch.tensor(slots), R, torch.float32)  # noqa: E731
+    assert plan(CASES["one_per_slot_in_order"]).in_token_order
+    shuffled = plan(CASES["one_per_slot_shuffled"])
+    assert not shuffled.in_token_order and shuffled.block_of_token.tolist() == [3, 0, 2, 1]
+    padded = plan(CASES["mixed"])  # slot 2 has one token, so its second block row is padding
+    assert padded.block_of_token is not None and padded.block_mask is not None
+    assert plan(CASES["base_rows_no_padding"]).block_of_token is None
 
 
 def test_plan_modes():
