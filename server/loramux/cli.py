@@ -5,6 +5,7 @@
     loramux adapters | merges | pin | unpin | export | info   # operate it
     loramux run --prompt "Hello"                        # no server: generate in this process
     loramux bench ...                                   # serving benchmark
+    loramux eval --adapter-root adapters --pairs-all    # do merges keep every skill?
 
 Every client subcommand takes --server (env LORAMUX_SERVER, default localhost:50051),
 --token/--admin-token (env LORAMUX_API_TOKEN / LORAMUX_ADMIN_TOKEN, as the server
@@ -677,6 +678,13 @@ def build_parser(defaults: ClientDefaults = ClientDefaults(), command: str | Non
                         description="Run concurrent gRPC streams against a loramux server (started "
                         "here, or --target) and against a PEFT baseline in the same process; report "
                         "tokens/s, time to first token and inter-token latency.", epilog=BENCH_EXAMPLES)
+    add_external_parser(sub, "eval", "loramux.skills.eval", load=external("eval"),
+                        help="score the base model, adapters and merges on the skill tasks",
+                        description="Score the base model, each adapter and each merge on every "
+                        "task's test split (in-process, or against --server), check general "
+                        "capability, and write report.md, report.json and report.png: scores, each "
+                        "merge's retention of each specialist, Pareto status, the best merge per "
+                        "adapter set and every shortfall.", epilog=EVAL_EXAMPLES)
     return parser
 
 
@@ -783,6 +791,16 @@ examples:
   loramux bench                                    # default model, 8 clients, 8 random adapters
   loramux bench --clients 16 --max-tokens 64 --mix-fraction 0.25
   loramux bench --target localhost:50051 --adapter-names sql,chat --no-baseline --json"""
+
+EVAL_EXAMPLES = """\
+examples:
+  loramux eval --adapter-root adapters --pairs-all --limit 50 --out eval-report
+  loramux eval --adapter-root adapters --merges linear:sql=0.5,json=0.5 ties:sql=1,json=1:density=0.5
+  loramux eval --adapter-root adapters --tasks sql,json --sweep ties.density=0.3,0.5,0.7 \\
+      --sweep slerp.t=0.3,0.5,0.7 --sweep linear.weight=0.3,0.5,0.7
+  loramux eval --adapter-root adapters --merges merges.toml --save-items
+  loramux eval --server localhost:50051 --merges dare_ties:sql=1,python=1:density=0.5,seed=1
+merge spec: METHOD:ADAPTER=WEIGHT[,ADAPTER=WEIGHT...][:KEY=VALUE[,KEY=VALUE...]]"""
 
 RUN_EXAMPLES = """\
 examples:
