@@ -37,15 +37,20 @@ def concat(terms: list[tuple[float, Factored]]) -> Factored:
 
 def gram(factors: list[Factored]) -> torch.Tensor:
     """G[i, j] = <ΔW_i, ΔW_j>_F = sum((B_iᵀB_j) ∘ (A_iA_jᵀ)), without forming ΔW.
-    Returns [n, n] float64 for stable spherical maths."""
+    Returns [n, n] float64 for stable spherical maths.
+
+    All pairs at once: with the factors stacked (B: [d_out, Σr], A: [Σr, d_in]),
+    G = S ((BᵀB) ∘ (AAᵀ)) Sᵀ where S [n, Σr] sums each input's block of rows.
+    """
     n = len(factors)
-    g = torch.empty(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            bb = factors[i].B.double().t() @ factors[j].B.double()  # [r_i, r_j]
-            aa = factors[i].A.double() @ factors[j].A.double().t()  # [r_i, r_j]
-            g[i, j] = g[j, i] = (bb * aa).sum()
-    return g
+    B = torch.cat([f.B for f in factors], dim=1).double()  # [d_out, R]
+    A = torch.cat([f.A for f in factors], dim=0).double()  # [R, d_in]
+    products = (B.t() @ B).mul_(A @ A.t())  # [R, R]
+    owner = torch.repeat_interleave(torch.arange(n), torch.tensor([f.rank for f in factors]))  # [R]
+    S = torch.zeros(n, owner.numel(), dtype=torch.float64)  # [n, R] block membership
+    S[owner, torch.arange(owner.numel())] = 1.0
+    g = S @ products @ S.t()  # [n, n]
+    return (g + g.t()) / 2
 
 
 @dataclass(frozen=True)
@@ -98,25 +103,27 @@ def compress_dense(
     Frobenius error budget where rank ≤ max_rank allows.
 
     Randomized range finder (Halko et al. 2011, Alg. 4.4 with 2 power iterations)
-    on max_rank + oversample columns, then an exact SVD of the small projection.
-    The reported error is exact, not an estimate: ‖ΔW − Q Qᵀ ΔW_k‖² is computed
-    from ‖ΔW‖² minus the kept energy, which holds because ΔW_k lies in range(Q)
-    and the SVD is of QᵀΔW (Pythagoras).
+    on max_rank + oversample columns, in float32 (it only has to find a good
+    subspace), then Q re-orthonormalised and QᵀΔW formed and decomposed in float64.
+    The reported error is exact, not an estimate: ‖ΔW − Q U_k S_k V_kᵀ‖² equals
+    ‖ΔW‖² minus the kept energy Σ_{i≤k} S_i², because Q is orthonormal and the SVD
+    is of QᵀΔW (Pythagoras); both energies are float64, which a difference of
+    energies needs (float32 cannot resolve it below ~1e-3 relative).
     """
-    # float64 throughout: the error comes from a difference of energies, which
-    # float32 cannot resolve below ~1e-3 relative.
-    d = delta.double()
-    total_sq = float((d**2).sum())
+    x = delta.to(torch.float32)  # [d_out, d_in]
+    x64 = delta.to(torch.float64)
+    total_sq = float(torch.dot(x64.reshape(-1), x64.reshape(-1)))
     if total_sq == 0:
-        zeros = delta.new_zeros(d.shape[0], 1, dtype=torch.float32)
-        return Compressed(Factored(zeros, delta.new_zeros(1, d.shape[1], dtype=torch.float32)), 0.0)
-    width = min(max_rank + oversample, *d.shape)
-    g = torch.Generator(device=d.device).manual_seed(seed)
-    omega = torch.randn(d.shape[1], width, generator=g, device=d.device, dtype=d.dtype)
-    Q = torch.linalg.qr(d @ omega)[0]  # [d_out, w]
+        zeros = delta.new_zeros(x.shape[0], 1, dtype=torch.float32)
+        return Compressed(Factored(zeros, delta.new_zeros(1, x.shape[1], dtype=torch.float32)), 0.0)
+    width = min(max_rank + oversample, *x.shape)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    omega = torch.randn(x.shape[1], width, generator=g, device=x.device, dtype=torch.float32)  # [d_in, w]
+    Q = torch.linalg.qr(x @ omega)[0]  # [d_out, w]
     for _ in range(2):  # power iterations sharpen the spectrum's tail
-        Q = torch.linalg.qr(d @ torch.linalg.qr(d.t() @ Q)[0])[0]
-    U, S, Vh = torch.linalg.svd(Q.t() @ d, full_matrices=False)  # [w, w], [w], [w, d_in]
+        Q = torch.linalg.qr(x @ torch.linalg.qr(x.t() @ Q)[0])[0]
+    Q = torch.linalg.qr(Q.double())[0]  # orthonormal to float64 precision
+    U, S, Vh = torch.linalg.svd(Q.t() @ x64, full_matrices=False)  # [w, w], [w], [w, d_in]
     k = _pick_rank(S, total_sq, max_rank, budget)
     c = _truncate(Q @ U, S, Vh.t(), k, total_sq)
     return Compressed(Factored(c.factored.B.float(), c.factored.A.float()), c.rel_error)

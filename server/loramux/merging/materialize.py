@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,27 +52,45 @@ def _factors(adapters: list[LoraAdapter], module: str, like: LoraModule) -> list
     return out
 
 
+def _merged_modules(
+    adapters: list[LoraAdapter], spec: MixSpec
+) -> Iterator[tuple[str, Factored | torch.Tensor]]:
+    """(module, merged ΔW) for every module any input trains, in name order, one at
+    a time (so a caller can consume each before the next is made)."""
+    method, params = methods.resolve_method(spec.method, dict(spec.params))
+    methods.check_arity(method, len(adapters))
+    likes = {}  # module → a LoraModule that trains it (for its shape)
+    for a in adapters:
+        for name, m in a.modules.items():
+            likes.setdefault(name, m)
+    inputs = None  # [N, largest d_out·d_in] float32: the dense task vectors, reused per module
+    for name in sorted(likes):
+        like = likes[name]
+        factors = _factors(adapters, name, like)
+        if method.low_rank_exact:
+            g = None if method.name == "linear" else gram(factors)  # linear's cᵢ are its weights
+            coeffs = methods.coefficients_from_gram(method, g, spec.weights, params)
+            yield name, concat(list(zip(coeffs, factors)))
+            continue
+        if inputs is None:
+            largest = max(m.B.shape[0] * m.A.shape[1] for m in likes.values())
+            inputs = torch.empty(len(adapters), largest, dtype=torch.float32, device=like.A.device)
+        shape = (like.B.shape[0], like.A.shape[1])
+        numel = shape[0] * shape[1]
+        # Methods return new tensors and never keep their inputs, so the buffer is free again.
+        dense = [torch.matmul(f.B, f.A, out=inputs[i, :numel].view(shape)) for i, f in enumerate(factors)]
+        gens = [
+            torch.Generator().manual_seed(module_seed(spec.seed, a.content_hash, name))
+            for a in adapters
+        ]
+        yield name, methods.merge_dense(method, dense, spec.weights, params, gens)
+
+
 def exact_deltas(adapters: list[LoraAdapter], spec: MixSpec) -> dict[str, Factored | torch.Tensor]:
     """The merged ΔW of every module any input trains: Factored for methods whose
     result is a linear combination of the inputs (exact, rank Σ r_i), a dense
     float32 [d_out, d_in] tensor otherwise."""
-    method, params = methods.resolve_method(spec.method, dict(spec.params))
-    methods.check_arity(method, len(adapters))
-    modules = sorted({m for a in adapters for m in a.modules})
-    out: dict[str, Factored | torch.Tensor] = {}
-    for name in modules:
-        like = next(a.modules[name] for a in adapters if name in a.modules)
-        factors = _factors(adapters, name, like)
-        if method.low_rank_exact:
-            coeffs = methods.coefficients_from_gram(method, gram(factors), spec.weights, params)
-            out[name] = concat(list(zip(coeffs, factors)))
-        else:
-            gens = [
-                torch.Generator().manual_seed(module_seed(spec.seed, a.content_hash, name))
-                for a in adapters
-            ]
-            out[name] = methods.merge_dense(method, [f.dense() for f in factors], spec.weights, params, gens)
-    return out
+    return dict(_merged_modules(adapters, spec))
 
 
 def serving_adapter(
@@ -91,7 +110,7 @@ def serving_adapter(
     start = time.perf_counter()
     modules: dict[str, LoraModule] = {}
     worst = 0.0
-    for name, delta in exact_deltas(adapters, spec).items():
+    for name, delta in _merged_modules(adapters, spec):  # compressed as made: one dense ΔW alive
         if isinstance(delta, Factored):
             c = compress_exact(delta, max_rank, budget=error_budget if delta.rank > max_rank else 0.0)
         else:

@@ -42,6 +42,9 @@ ZERO_NORM_REL = 1e-12
 _ANTIPODAL_SIN = 1e-12
 # Gram matrix of dense inputs is accumulated over chunks of this many elements.
 _GRAM_CHUNK = 1 << 20
+# Elementwise passes over big task vectors run on blocks of this many entries (per
+# input) so that a pass's successor reads from cache.
+_BLOCK = 1 << 16
 
 
 # ---------------------------------------------------------------------------
@@ -74,9 +77,15 @@ def _check_inputs(deltas, weights) -> tuple[list[torch.Tensor], list[float]]:
             )
         if d.device != first.device:
             raise InvalidArgument(f"task vectors must share one device: {d.device} vs {first.device}")
-        if not bool(torch.isfinite(d).all()):
+        if not _all_finite(d):
             raise InvalidArgument(f"task vector {i} contains NaN or inf")
     return list(deltas), [float(w) for w in weights]
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in x. One read pass: any NaN or inf makes the sum non-finite;
+    a non-finite sum of finite entries (overflow) is re-checked entry by entry."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _check_gram(gram, n: int) -> torch.Tensor:
@@ -148,19 +157,108 @@ def _zero_norms(norms: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+def _kth_largest_(buf: torch.Tensor, k: int) -> float:
+    """The k-th largest entry of the contiguous float32/64 `buf` (1 ≤ k ≤ numel); may
+    reorder `buf`. Linear time on CPU (numpy's introselect, in place), torch.topk
+    elsewhere."""
+    flat = buf.view(-1)  # [n]
+    pos = flat.numel() - k  # 0-based ascending rank of the answer
+    if flat.device.type == "cpu":
+        a = flat.numpy()
+        a.partition(pos)
+        return float(a[pos])
+    return float(torch.topk(flat, k, largest=True, sorted=False).values.min())
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the floating `values` (finite, 1 ≤ k ≤ numel),
+    exactly, as a 0-d tensor of their dtype.
+
+    Semantics: sorted(values.flatten(), descending)[k - 1], duplicates counted.
+    Linear time, unlike a sort or a large torch.topk.
+    """
+    if not 1 <= k <= values.numel():
+        raise ValueError(f"k must be in [1, {values.numel()}], got {k}")
+    work = torch.float64 if values.dtype == torch.float64 else torch.float32  # exact for both
+    buf = values.detach().to(work, copy=True).contiguous()
+    return torch.tensor(_kth_largest_(buf, k), dtype=values.dtype, device=values.device)
+
+
+def _trim_threshold(x: torch.Tensor, k: int, scratch: torch.Tensor) -> float | None:
+    """t with "keep |x| ≥ t" ≡ "keep torch.topk(|x|, k)": for every entry, x kept or
+    dropped by the two rules gives the same value. None when only torch.topk can
+    say which of several entries tied at t it keeps (a positive |x| tied across the
+    cut: rare). scratch: x's shape and dtype (float32/64), contiguous; overwritten.
+
+    t = the k-th largest |x| (+inf for k = 0, 0 for k ≥ numel). If t = 0, |x| ≥ 0
+    keeps every entry, and the zeros topk may drop are zeros either way.
+    """
+    n = x.numel()
+    if k <= 0:
+        return math.inf
+    if k >= n:
+        return 0.0
+    mag = torch.abs(x, out=scratch).view(-1)  # [n]
+    t = _kth_largest_(mag, k)
+    if t == 0.0:
+        return 0.0
+    if mag.device.type == "cpu":
+        # After the partition, mag[:n-k] ≤ t ≤ mag[n-k:]; ties across the cut lie left.
+        left = mag[: n - k]
+        if float(left.max()) < t:
+            return t
+        return None
+    return t if int(torch.count_nonzero(torch.abs(x, out=scratch) >= t)) == k else None
+
+
+def _topk_keep(x: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Into `out` (x's shape and dtype, contiguous): the 0/1 mask of torch.topk(|x|, k),
+    or one equivalent to it (x · mask == x · keep bit for bit, see `_trim_threshold`)."""
+    return _keep_mask(x, k, _trim_threshold(x, k, out), out)
+
+
+def _keep_mask(x: torch.Tensor, k: int, t: float | None, out: torch.Tensor) -> torch.Tensor:
+    """`_topk_keep` given t = `_trim_threshold(x, k, ·)`."""
+    if t is not None:
+        return torch.abs(x, out=out).ge_(t)
+    torch.abs(x, out=out)
+    # sorted=False selects the same entries (it only skips ordering them), in a quarter of the time.
+    top = torch.topk(out.view(-1), k=k, largest=True, sorted=False).indices
+    out.view(-1).zero_()[top] = 1.0
+    return out
+
+
 def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = int(density · numel) largest-magnitude entries, zero the rest.
 
     TIES "trim" step (Yadav et al. 2023, arXiv 2306.01708, §3). k and the tie
-    breaking (torch.topk) are PEFT's `magnitude_based_pruning`, so results match it.
+    breaking (torch.topk) are PEFT's `magnitude_based_pruning`, so results match it
+    bit for bit (`_trim_threshold` finds the cut without a sort).
     density ≥ 1 returns the input unchanged.
     """
     if density >= 1:
         return delta
     k = int(density * delta.numel())  # PEFT's convention: floor of the float product
-    keep = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)  # [D]
-    keep[torch.topk(delta.abs().reshape(-1), k=k, largest=True).indices] = 1
-    return delta * keep.reshape(delta.shape)
+    # Magnitudes in float32 (exact for half inputs) or float64: the order topk sees.
+    work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    scratch = torch.empty(delta.shape, dtype=work, device=delta.device)
+    return delta * _topk_keep(delta.to(work), k, scratch).to(delta.dtype)
+
+
+def _dare_keep(
+    shape, density: float, generator: torch.Generator, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The DARE keep mask as float 0/1, on the generator's device: exactly
+    torch.bernoulli(full(shape, density), generator=generator), and the generator ends
+    in the same state. On CPU both draw one uniform u = (32 random bits & 2²⁴−1)·2⁻²⁴
+    per entry in order and keep u < float32(density); torch.rand + a compare does it
+    without bernoulli's per-entry overhead (tested against torch.bernoulli)."""
+    if generator.device.type != "cpu":
+        probs = torch.full(shape, density, dtype=torch.float32, device=generator.device)
+        return torch.bernoulli(probs, generator=generator)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    return torch.rand(shape, generator=generator, out=out).lt_(density)
 
 
 def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -173,8 +271,7 @@ def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator)
     """
     if density >= 1:
         return delta
-    probs = torch.full(delta.shape, density, dtype=torch.float32, device=generator.device)
-    keep = torch.bernoulli(probs, generator=generator).to(delta.device)  # [*shape] in {0, 1}
+    keep = _dare_keep(delta.shape, density, generator).to(delta.device)  # [*shape] in {0, 1}
     return delta * keep / density
 
 
@@ -232,11 +329,84 @@ def elect_and_mean(weighted: torch.Tensor, majority_sign_method: str) -> torch.T
     + `disjoint_merge`, except that PEFT elects on the *unweighted* values; we elect
     on the weighted ones, so a negated task (w < 0) votes with its effective sign.
     """
-    sign = weighted.sign()  # [N, *shape]
-    score = weighted.sum(dim=0) if majority_sign_method == "total" else sign.sum(dim=0)
-    elected = torch.where(score >= 0, 1.0, -1.0)  # [*shape]
-    agree = sign == elected  # [N, *shape]
-    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    return _elect_and_mean_(weighted.clone(memory_format=torch.contiguous_format), majority_sign_method)
+
+
+def _elect_and_mean_(weighted: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
+    """`elect_and_mean` on a contiguous floating `weighted`, which it overwrites.
+
+    With e = ±1 the elected sign, an input agrees where wᵢ · e > 0, so
+    relu(wᵢ · e) · e is wᵢ where it agrees and ±0 elsewhere (· e is exact): the
+    same values, summed over dim 0 of the same [N, *shape] layout, as the plain
+    formulation (weighted · bool mask), so the same result.
+    """
+    if majority_sign_method == "total":
+        score = weighted.sum(dim=0)  # [*shape]
+    else:
+        score = torch.zeros_like(weighted[0])
+        one = torch.empty_like(score)
+        for part in weighted:
+            score.add_(torch.sign(part, out=one))
+    n = weighted.shape[0]
+    flat, slots = weighted.view(n, -1), score.view(-1)  # [N, D]; [D]: score → elected sign → count
+    agree = torch.empty((n, min(_BLOCK, slots.numel())), dtype=weighted.dtype, device=weighted.device)
+    for s in range(0, slots.numel(), _BLOCK):  # block by block, so each step reads from cache
+        e = slots[s : s + _BLOCK].ge_(0.0).mul_(2.0).sub_(1.0)  # ±1, a tie electing +
+        block = flat[:, s : s + _BLOCK].mul_(e).relu_()  # |wᵢ| where wᵢ agrees, else 0
+        torch.sign(block, out=agree[:, : block.shape[1]])  # 1 where wᵢ agrees, else 0
+        block.mul_(e)  # wᵢ where it agrees, else ±0
+        torch.sum(agree[:, : block.shape[1]], dim=0, out=e)  # number agreeing (exact)
+    return weighted.sum(dim=0).div_(score.clamp_(min=1.0))
+
+
+def _float32_weights(weights: list[float], device) -> list[torch.Tensor]:
+    """Each weight as a 0-d float32 tensor: the same rounding as a float32 weight vector."""
+    return list(torch.tensor(weights, dtype=torch.float32, device=device).unbind())
+
+
+def _trimmed_weighted(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """[N, *shape]: wᵢ · trim_magnitude(ΔWᵢ, density) (equal values; zeros may differ in sign)."""
+    first = deltas[0]
+    out = torch.empty((len(deltas), *first.shape), dtype=torch.float32, device=first.device)
+    k = first.numel() if density >= 1 else int(density * first.numel())
+    scratch = torch.empty(first.shape, dtype=torch.float32, device=first.device)  # [*shape]
+    for d, w, o in zip(deltas, _float32_weights(weights, first.device), out):
+        d = d.to(torch.float32)
+        t = _trim_threshold(d, k, scratch)
+        if t is None:
+            torch.mul(d, _keep_mask(d, k, None, scratch), out=o)
+        elif t == 0.0:
+            o.copy_(d)
+        elif t == math.inf:
+            o.zero_()
+        else:
+            # hardshrink(x, λ) zeroes |x| ≤ λ: with λ the float32 just below t, it keeps |x| ≥ t.
+            f32 = torch.float32
+            below_t = float(torch.nextafter(torch.tensor(t, dtype=f32), torch.tensor(0.0, dtype=f32)))
+            d_flat, o_flat = d.reshape(-1), o.view(-1)  # [D]
+            for s in range(0, d_flat.numel(), _BLOCK):  # block by block: the product reads from cache
+                torch.hardshrink(d_flat[s : s + _BLOCK], below_t, out=o_flat[s : s + _BLOCK]).mul_(w)
+            continue
+        o.mul_(w)
+    return out
+
+
+def _dropped_weighted(
+    deltas: list[torch.Tensor], weights: list[float], density: float, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """[N, *shape]: wᵢ · drop_random(ΔWᵢ, density, generatorᵢ), written in place (same bits)."""
+    first = deltas[0]
+    out = torch.empty((len(deltas), *first.shape), dtype=torch.float32, device=first.device)
+    scratch = torch.empty(first.shape, dtype=torch.float32)  # [*shape] CPU draws
+    for d, w, g, o in zip(deltas, _float32_weights(weights, first.device), generators, out):
+        d = d.to(torch.float32)
+        if density >= 1:
+            torch.mul(d, w, out=o)
+            continue
+        keep = _dare_keep(d.shape, density, g, out=scratch if g.device.type == "cpu" else None)
+        # ((d / density) · m) · w == ((d · m) / density) · w for m ∈ {0, 1}, zero signs included
+        torch.div(d, density, out=o).mul_(keep.to(o.device)).mul_(w)
+    return out
 
 
 def _weighted_sum(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -246,7 +416,7 @@ def _weighted_sum(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
 
 def _weighted_ties(parts: list[torch.Tensor], weights: list[float], sign_method: str) -> torch.Tensor:
     stacked = torch.stack(parts)  # [N, *shape]
-    return elect_and_mean(stacked * _weights_like(weights, stacked), sign_method)
+    return _elect_and_mean_(stacked * _weights_like(weights, stacked), sign_method)
 
 
 # ---------------------------------------------------------------------------
@@ -389,8 +559,7 @@ def ties(deltas, weights, *, density: float, majority_sign_method: str = "total"
     return the mean of the agreeing weighted values (see `elect_and_mean`)."""
     deltas, weights = _check_inputs(deltas, weights)
     p = _params("ties", density=density, majority_sign_method=majority_sign_method)
-    trimmed = [trim_magnitude(d.to(torch.float32), p["density"]) for d in deltas]
-    return _weighted_ties(trimmed, weights, p["majority_sign_method"])
+    return _elect_and_mean_(_trimmed_weighted(deltas, weights, p["density"]), p["majority_sign_method"])
 
 
 def magnitude_prune(deltas, weights, *, density: float) -> torch.Tensor:
@@ -398,7 +567,7 @@ def magnitude_prune(deltas, weights, *, density: float) -> torch.Tensor:
     arXiv 2306.01708, without sign election; PEFT's `magnitude_prune`)."""
     deltas, weights = _check_inputs(deltas, weights)
     p = _params("magnitude_prune", density=density)
-    return _weighted_sum([trim_magnitude(d.to(torch.float32), p["density"]) for d in deltas], weights)
+    return _trimmed_weighted(deltas, weights, p["density"]).sum(dim=0)
 
 
 def dare_linear(deltas, weights, *, density: float, generators) -> torch.Tensor:
@@ -407,8 +576,7 @@ def dare_linear(deltas, weights, *, density: float, generators) -> torch.Tensor:
     deltas, weights = _check_inputs(deltas, weights)
     p = _params("dare_linear", density=density)
     gens = _check_generators(generators, len(deltas))
-    dropped = [drop_random(d.to(torch.float32), p["density"], g) for d, g in zip(deltas, gens)]
-    return _weighted_sum(dropped, weights)
+    return _dropped_weighted(deltas, weights, p["density"], gens).sum(dim=0)
 
 
 def dare_ties(
@@ -419,8 +587,8 @@ def dare_ties(
     deltas, weights = _check_inputs(deltas, weights)
     p = _params("dare_ties", density=density, majority_sign_method=majority_sign_method)
     gens = _check_generators(generators, len(deltas))
-    dropped = [drop_random(d.to(torch.float32), p["density"], g) for d, g in zip(deltas, gens)]
-    return _weighted_ties(dropped, weights, p["majority_sign_method"])
+    dropped = _dropped_weighted(deltas, weights, p["density"], gens)
+    return _elect_and_mean_(dropped, p["majority_sign_method"])
 
 
 def della(
