@@ -31,6 +31,13 @@ def _dense(delta: Factored | torch.Tensor) -> torch.Tensor:  # [d_out, d_in] flo
     return delta.dense() if isinstance(delta, Factored) else delta.float()
 
 
+def _added(w: torch.Tensor, delta: Factored | torch.Tensor) -> torch.Tensor:
+    """A new tensor W + ΔW (float32 accumulation); `w` itself is kept for unpin."""
+    if w.dtype == torch.float32 and isinstance(delta, Factored):
+        return torch.addmm(w, delta.B.to(w.device), delta.A.to(w.device))  # no dense ΔW temporary
+    return (w.float() + _dense(delta).to(w.device)).to(w.dtype)
+
+
 def _is_4bit(base: nn.Module) -> bool:
     return getattr(base.weight, "quant_state", None) is not None
 
@@ -79,8 +86,7 @@ class WeightPinner:
             if _is_4bit(base):
                 self._fold_4bit(base, _dense(delta))
             else:
-                w = base.weight.data
-                base.weight.data = (w.float() + _dense(delta).to(w.device)).to(w.dtype)
+                base.weight.data = _added(base.weight.data, delta)
         self.label = label
         return time.perf_counter() - start
 
