@@ -127,3 +127,13 @@ def adapter_root(tmp_path_factory, tiny_llama_dir) -> Path:
     make_adapter(tiny_llama_dir, root / "y", r=4, alpha=8, rslora=True, seed=2)
     make_adapter(tiny_llama_dir, root / "z", r=16, alpha=8, seed=3, targets=("q_proj", "v_proj"))
     return root
+
+
+def base_weights(engine) -> dict[str, torch.Tensor]:
+    """Copies of every tensor that defines an engine's base model, 4-bit absmax included."""
+    out = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+    for name, layer in engine.pinner.layers.items():
+        qs = getattr(layer.base.weight, "quant_state", None)
+        if qs is not None:
+            out[name + ".absmax"] = qs.absmax.clone()
+    return out

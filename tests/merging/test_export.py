@@ -17,6 +17,7 @@ from loramux.errors import FailedPrecondition
 from loramux.merging import export
 from loramux.merging.export import export_peft_adapter, export_pinned, export_selection
 from loramux.merging.spec import MixSpec
+from tests.conftest import base_weights as _weights
 
 PROMPT = "The quick brown fox"
 TIES = MixSpec.build([("x", 1.0), ("y", 0.8), ("z", 0.5)], "ties", {"density": 0.5})
@@ -169,20 +170,10 @@ def test_compressed_export_reports_the_error_it_has(engine, tmp_path, mix, max_r
 # ---------------------------------------------------------------- dense (pinned) model
 
 
-def _weights(engine) -> dict[str, torch.Tensor]:
-    out = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
-    for name, layer in engine.pinner.layers.items():
-        qs = getattr(layer.base.weight, "quant_state", None)
-        if qs is not None:
-            out[name + ".absmax"] = qs.absmax.clone()
-    return out
-
-
 def _float_nf4_path(engine) -> None:
     """Keep bnb's Linear4bit on its float32 dequantize-then-matmul path. On CPUs with
     AVX512-BF16 it otherwise repacks the weight in place at the first forward and
-    multiplies in bf16 (covered by the test below), and WeightPinner does not yet
-    read that repacked layout."""
+    multiplies in bf16 (covered by the test below)."""
     for layer in engine.pinner.layers.values():
         layer.base.support_avx512bf16_for_cpu = False
 

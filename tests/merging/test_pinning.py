@@ -12,6 +12,7 @@ from loramux.engine.sampling import SamplingParams
 from loramux.engine.types import GenerationRequest
 from loramux.errors import FailedPrecondition
 from loramux.merging.spec import MixSpec
+from tests.conftest import base_weights as _weights
 
 PROMPT = "The quick brown fox"
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -24,16 +25,6 @@ def _engine(model_dir, root, quantization="none"):
             adapters=AdapterConfig(roots=[root], max_rank=32),
         )
     )
-
-
-def _weights(engine) -> dict[str, torch.Tensor]:
-    """Every tensor that defines the base model, including 4-bit absmax."""
-    out = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
-    for name, layer in engine.pinner.layers.items():
-        qs = getattr(layer.base.weight, "quant_state", None)
-        if qs is not None:
-            out[name + ".absmax"] = qs.absmax.clone()
-    return out
 
 
 def _logits(engine, **sel):

@@ -4,6 +4,7 @@ the per-RPC request counter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,23 +40,29 @@ def _cancel_code(context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
+@contextlib.asynccontextmanager
+async def _reported(state: ServerState, rpc: str, context):
+    """Map domain errors raised inside to their status and count the outcome."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        state.metrics.observe_rpc(rpc, _cancel_code(context))
+        raise
+    except Exception as e:
+        code, message = status_of(e)
+        state.metrics.observe_rpc(rpc, code.name)
+        await context.abort(code, message)
+    state.metrics.observe_rpc(rpc, "OK")
+
+
 def unary(rpc: str):
     """Wrap a unary handler: map domain errors to their status, count the outcome."""
 
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self, request, context):
-            try:
-                response = await fn(self, request, context)
-            except asyncio.CancelledError:
-                self.state.metrics.observe_rpc(rpc, _cancel_code(context))
-                raise
-            except Exception as e:
-                code, message = status_of(e)
-                self.state.metrics.observe_rpc(rpc, code.name)
-                await context.abort(code, message)
-            self.state.metrics.observe_rpc(rpc, "OK")
-            return response
+            async with _reported(self.state, rpc, context):
+                return await fn(self, request, context)
 
         return handler
 
@@ -68,17 +75,9 @@ def streaming(rpc: str):
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self, request, context):
-            try:
+            async with _reported(self.state, rpc, context):
                 async for item in fn(self, request, context):
                     yield item
-            except asyncio.CancelledError:
-                self.state.metrics.observe_rpc(rpc, _cancel_code(context))
-                raise
-            except Exception as e:
-                code, message = status_of(e)
-                self.state.metrics.observe_rpc(rpc, code.name)
-                await context.abort(code, message)
-            self.state.metrics.observe_rpc(rpc, "OK")
 
         return handler
 
