@@ -138,6 +138,41 @@ def test_a_request_queued_before_the_pin_is_served_on_the_new_weights_exactly(ti
     assert results[queued.request_id].token_ids == want
 
 
+
+def test_a_swap_landing_while_a_request_resolves_cannot_leave_it_on_stale_weights(
+    tiny_llama_dir, adapter_root, monkeypatch
+):
+    """Requests resolve on RPC threads while the engine thread swaps. Force the worst
+    interleaving: the swap lands after the request computed y − P for the old pin P
+    but before it recorded which pin that was. The row must still be served on the
+    new weights (and no wrong y − P may be cached under the new pin)."""
+    engine = _engine(tiny_llama_dir, adapter_root)
+    want = engine.generate([GenerationRequest(prompt=PROMPT, adapter="y", sampling=GREEDY)])[0].token_ids
+    engine.pin(GenerationRequest(adapter="x"))
+    real_get_or_load = engine.merges.cache.get_or_load
+
+    def swap_midway(key, load):
+        value = real_get_or_load(key, load)
+        if "~pin" in key:  # the compensated y − x is built: now the engine unpins
+            monkeypatch.setattr(engine.merges.cache, "get_or_load", real_get_or_load)
+            engine.request_swap(engine.exact_deltas(GenerationRequest(adapter="z")), "adapter:z")
+            engine.step()
+        return value
+
+    monkeypatch.setattr(engine.merges.cache, "get_or_load", swap_midway)
+    raced = GenerationRequest(prompt=PROMPT, adapter="y", sampling=GREEDY)
+    engine.submit(raced)
+    assert engine.pinned == "adapter:z"
+    later = GenerationRequest(prompt=PROMPT, adapter="y", sampling=GREEDY)
+    engine.submit(later)
+    results = {}
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.result is not None:
+                results[ev.request_id] = ev.result
+    assert results[raced.request_id].token_ids == want
+    assert results[later.request_id].token_ids == want
+
 @pytest.mark.parametrize(
     "quantization,pin,reason",
     [("none", {"mix": MixSpec.build([("x", 1.0), ("y", 1.0)], "ties", {"density": 0.5})}, "dense"),

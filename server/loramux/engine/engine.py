@@ -70,10 +70,9 @@ class Engine:
         self.loaded, self.store, self.pool, self.ctx, self.config = loaded, store, pool, ctx, config
         self.merges, self.pinner = merges, pinner
         self._pending_swap: _Swap | None = None
-        # Bumped by every pin/unpin; a waiting row made for an older epoch is rebound.
-        self._pin_epoch = 0
-        self._pin_factors: dict[str, Factored] | None = None  # P, when compensable
-        self._pin_refusal: str | None = None  # why it is not, while pinned
+        # Replaced (never mutated) by every pin/unpin, so a request resolved on
+        # another thread reads one consistent weight state.
+        self._pin_state = _PinState()
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.eos_ids = _eos_ids(loaded)
         self.max_len = _max_len(loaded, config.max_seq_len)
@@ -160,8 +159,8 @@ class Engine:
                 swap.seconds = self.pinner.pin(swap.deltas, swap.label)
         except Exception as e:  # reported to the caller, the engine goes on
             swap.error = e
-        self._pin_epoch += 1
-        self._pin_factors, self._pin_refusal = self._compensation_for(swap.deltas)
+        factors, refusal = self._compensation_for(swap.deltas)
+        self._pin_state = _PinState(self._pin_state.epoch + 1, self.pinner.label, factors, refusal)
         with self._lock:
             self._pending_swap = None
         swap.done.set()
@@ -178,31 +177,32 @@ class Engine:
             return None, "its ΔW is dense (not low rank), so it cannot be subtracted exactly per request"
         return deltas, None
 
-    def _on_current_weights(self, requested: LoraAdapter | None) -> LoraAdapter | None:
-        """What a row must add so it computes W + ΔW_requested on the current base:
+    def _on_weights(self, requested: LoraAdapter | None, pin: "_PinState") -> LoraAdapter | None:
+        """What a row must add so it computes W + ΔW_requested on the weights of `pin`:
         `requested` itself, or requested − P while a merge P is pinned."""
-        if requested is None or not self.pinner.pinned:
+        if requested is None or pin.label is None:
             return requested
-        if self._pin_factors is None:
+        if pin.factors is None:
             raise FailedPrecondition(
-                f"{self.pinner.label} is pinned and {self._pin_refusal}; requests naming an "
+                f"{pin.label} is pinned and {pin.refusal}; requests naming an "
                 "adapter, merge or mix are refused until it is unpinned"
             )
-        pin_id = f"pin{self._pin_epoch}"
+        pin_id = f"pin{pin.epoch}"
         return self.merges.cache.get_or_load(
             f"{requested.name}~{pin_id}",
-            lambda: compensated_adapter(requested, self._pin_factors, pin_id, self.pool.max_rank),
+            lambda: compensated_adapter(requested, pin.factors, pin_id, self.pool.max_rank),
         )
 
     def _rebind_waiting(self) -> list[TokenEvent]:
         """Waiting rows resolved before the last pin/unpin get their adapter for the
         weights they will run on; a row that cannot be served ends with an error."""
         with self._lock:
-            stale = [s for s in self._waiting if s.pin_epoch != self._pin_epoch]
+            stale = [s for s in self._waiting if s.pin_epoch != self._pin_state.epoch]
+        pin = self._pin_state
         failed: dict[str, tuple[Sequence, str]] = {}
         for seq in stale:
             try:
-                seq.adapter, seq.pin_epoch = self._on_current_weights(seq.requested), self._pin_epoch
+                seq.adapter, seq.pin_epoch = self._on_weights(seq.requested, pin), pin.epoch
             except LoramuxError as e:
                 failed[seq.request_id] = (seq, str(e))
         if not failed:
@@ -292,7 +292,10 @@ class Engine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1}"
             )
-        requested, resolution = self._resolve_selection(request)
+        # One snapshot: a pin landing meanwhile leaves this row on an older epoch,
+        # and admission rebinds it.
+        pin = self._pin_state
+        requested, resolution = self._resolve_selection(request, pin)
         return Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -301,13 +304,15 @@ class Engine:
             stopper=StopMatcher(request.sampling.stop),
             eos_ids=self.eos_ids,
             max_len=self.max_len,
-            adapter=self._on_current_weights(requested),
+            adapter=self._on_weights(requested, pin),
             requested=requested,
-            pin_epoch=self._pin_epoch,
+            pin_epoch=pin.epoch,
             resolution=resolution,
         )
 
-    def _resolve_selection(self, request: GenerationRequest) -> tuple[LoraAdapter | None, Resolution]:
+    def _resolve_selection(
+        self, request: GenerationRequest, pin: "_PinState"
+    ) -> tuple[LoraAdapter | None, Resolution]:
         """(adapter or virtual merged adapter, how it was found) for the request."""
         chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
         if len(chosen) > 1:
@@ -322,8 +327,8 @@ class Engine:
         if request.mix is not None:
             adapter, report = self.merges.resolve(request.mix)
             return adapter, Resolution(RESOLVED_MIX, request.mix.describe(), report.cache_hit, report)
-        if self.pinner.pinned:
-            return None, Resolution(RESOLVED_PINNED, self.pinner.label)
+        if pin.label is not None:
+            return None, Resolution(RESOLVED_PINNED, pin.label)
         return None, Resolution(RESOLVED_BASE)
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -482,6 +487,17 @@ class Engine:
                 self.pool.release(key)
         with self._lock:
             self._deferred_release = (self._deferred_release - names) | still_used
+
+
+@dataclass(frozen=True)
+class _PinState:
+    """The base weights' pin: epoch (bumped by every pin/unpin), the pinned label,
+    P's factors when other adapters can be served exactly on top of it, else why not."""
+
+    epoch: int = 0
+    label: str | None = None
+    factors: dict[str, Factored] | None = None
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
