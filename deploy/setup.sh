@@ -37,4 +37,7 @@ if [ "${1:-}" = "--test" ]; then
 fi
 bash deploy/gen_protos.sh "$VENV/bin/python"
 pip install --no-deps --no-build-isolation -e .
+# Compile the native CPU kernels now rather than on the server's first start.
+"$VENV/bin/python" -c "from loramux_kernels import native; native.build_all()" ||
+  echo "setup: native CPU kernels not built (no C compiler?); the torch ops will be used" >&2
 echo "$want${1:-}" > "$stamp"

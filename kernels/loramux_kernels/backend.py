@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 
+from loramux_kernels import native
 from loramux_kernels.plan import StepPlan
 
 
@@ -58,7 +59,59 @@ class TorchBackend:
                 out.index_add_(0, idx, (xs @ A[slot].t()) @ BT[slot])
 
 
+class NativeCpuBackend:
+    """Decode-sized steps (few tokens, float32) go to one fused C call per layer
+    (csrc/lora_cpu.c: per-token shrink and expand, OpenMP over the work); prefill,
+    other dtypes and anything unusual go to the torch ops. At decode sizes the
+    torch ops' dispatch costs more than the arithmetic; one call does not."""
+
+    name = "cpu-native"
+    max_tokens = 32  # beyond this a prefill's GEMMs beat per-token loops
+    # Below this many multiply-adds a second thread costs more than it saves.
+    parallel_work = 1 << 16
+
+    def __init__(self, lib):
+        self._fn = lib.lmx_lora_add_f32
+        self._torch = TorchBackend()
+
+    def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
+        if plan.mode == "none":
+            return
+        n = plan.num_tokens
+        if (
+            plan.token_slots is None
+            or n > self.max_tokens
+            or A.dtype != torch.float32
+            or out.dtype != torch.float32
+            or x.dtype != torch.float32
+        ):
+            self._torch.add_lora_(out, x, A, BT, plan)
+            return
+        s, r, d_in = A.shape
+        d_out = BT.shape[2]
+        # The C loop trusts its arguments: check everything it indexes with.
+        if not (
+            plan.max_slot < s == BT.shape[0] and r == BT.shape[1] and A.is_contiguous() and BT.is_contiguous()
+            and x.shape == (n, d_in) and out.shape == (n, d_out) and x.stride(1) == 1 and out.stride(1) == 1
+            and x.device.type == out.device.type == A.device.type == "cpu"
+        ):
+            raise ValueError(
+                f"add_lora_ shapes do not agree: out {tuple(out.shape)}, x {tuple(x.shape)}, "
+                f"A {tuple(A.shape)}, BT {tuple(BT.shape)}, plan for {n} tokens up to slot {plan.max_slot}"
+            )
+        threads = torch.get_num_threads() if n * r * (d_in + d_out) >= self.parallel_work else 1
+        self._fn(
+            out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), BT.data_ptr(),
+            plan.token_slots.data_ptr(), n, d_in, d_out, r, r, threads,
+        )
+
+
 def select_backend(device: torch.device) -> LoraBackend:
-    """The fastest backend available for `device`. Only the torch backend exists
-    today; a CUDA (SGMV/BGMV-style) kernel slots in here without touching callers."""
+    """The fastest backend available for `device`: the fused C kernels on CPU when
+    they build here (see `native`), else the torch ops. A CUDA (SGMV/BGMV-style)
+    kernel slots in here without touching callers."""
+    if torch.device(device).type == "cpu":
+        lib = native.load("lora_cpu")
+        if lib is not None:
+            return NativeCpuBackend(lib)
     return TorchBackend()

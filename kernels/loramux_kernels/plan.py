@@ -50,6 +50,10 @@ class StepPlan:
     block_of_token: torch.Tensor | None = None
     in_token_order: bool = False  # block position p holds token p: add the block as is
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, idx [n_s])
+    # single and grouped modes: the [N] int64 slot of each token, contiguous, for
+    # kernels that route per token themselves; max_slot bounds it (buffer checks).
+    token_slots: torch.Tensor | None = None
+    max_slot: int = NO_SLOT
 
 
 def plan_step(
@@ -66,18 +70,19 @@ def plan_step(
     used = torch.unique(token_slots[token_slots != NO_SLOT]).tolist()
     if not used:
         return StepPlan("none", n, rank)
+    routing = {"token_slots": token_slots.contiguous(), "max_slot": used[-1]}
     if len(used) == 1:
         slot = used[0]
         has = token_slots == slot
         mask = None if bool(has.all()) else has.to(dtype).unsqueeze(1)  # [N, 1]
-        return StepPlan("single", n, rank, slot=slot, token_mask=mask)
+        return StepPlan("single", n, rank, slot=slot, token_mask=mask, **routing)
     if n > small_max_tokens:
         groups = [(s, (token_slots == s).nonzero().squeeze(1)) for s in used]
         return StepPlan("segment", n, rank, groups=groups)
-    return _grouped_plan(token_slots, used, n, rank, dtype)
+    return _grouped_plan(token_slots, used, n, rank, dtype, routing)
 
 
-def _grouped_plan(token_slots, used: list[int], n: int, rank: int, dtype) -> StepPlan:
+def _grouped_plan(token_slots, used: list[int], n: int, rank: int, dtype, routing: dict) -> StepPlan:
     members = [(token_slots == s).nonzero().squeeze(1).tolist() for s in used]
     k, m = len(used), max(len(t) for t in members)
     token_of_block = torch.zeros(k * m, dtype=torch.long)
@@ -104,4 +109,5 @@ def _grouped_plan(token_slots, used: list[int], n: int, rank: int, dtype) -> Ste
         block_mask=None if bool(real.all()) else real.view(k, m, 1).to(device),
         block_of_token=None if block_of_token is None else block_of_token.to(device),
         in_token_order=in_order,
+        **routing,
     )

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from loramux_kernels import NO_SLOT, TorchBackend, add_lora_reference, plan_step, select_backend
+from loramux_kernels import (
+    NO_SLOT,
+    NativeCpuBackend,
+    TorchBackend,
+    add_lora_reference,
+    native,
+    plan_step,
+    select_backend,
+)
 
 S, R, D_IN, D_OUT = 6, 8, 24, 40
 
@@ -31,9 +39,26 @@ CASES = {
 }
 
 
+def _native():
+    lib = native.load("lora_cpu")
+    if lib is None:
+        pytest.skip("the native kernels do not build here (no C compiler)")
+    return NativeCpuBackend(lib)
+
+
+BACKENDS = {"torch": TorchBackend, "native": _native}
+
+
+def test_cpu_gets_the_native_kernels_where_a_compiler_exists():
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    assert select_backend(torch.device("cpu")).name == "cpu-native"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("small_max_tokens", [0, 64])  # 0 forces segment mode
-def test_backend_matches_reference(case, small_max_tokens):
+def test_backend_matches_reference(backend, case, small_max_tokens):
     slots = torch.tensor(CASES[case])
     A, BT = _buffers()
     x = torch.randn(len(slots), D_IN)
@@ -42,7 +67,7 @@ def test_backend_matches_reference(case, small_max_tokens):
     add_lora_reference(want, x, A, BT, slots)
     got = base.clone()
     plan = plan_step(slots, R, torch.float32, small_max_tokens=small_max_tokens)
-    TorchBackend().add_lora_(got, x, A, BT, plan)
+    BACKENDS[backend]().add_lora_(got, x, A, BT, plan)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if case != "none":
         assert not torch.equal(got, base)  # the delta really was added
@@ -84,6 +109,38 @@ def test_random_mixes_large():
         got = torch.zeros(n, D_OUT)
         select_backend(torch.device("cpu")).add_lora_(got, x, A, BT, plan_step(slots, R, torch.float32))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 7, 16])
+def test_native_kernel_on_strided_rows_and_real_module_sizes(rank):
+    """Rows a stride apart (a view into a wider tensor), sizes that are not a
+    multiple of the vector width or the expand block, both thread settings."""
+    backend = _native()
+    g = torch.Generator().manual_seed(rank)
+    for d_in, d_out, n in [(576, 1536, 8), (1536, 576, 3), (37, 301, 5)]:
+        A = torch.randn(S, rank, d_in, generator=g)
+        BT = torch.randn(S, rank, d_out, generator=g)
+        slots = torch.tensor([(i * 5) % (S + 1) - 1 for i in range(n)])  # NO_SLOT and all slots
+        x = torch.randn(n, d_in + 3, generator=g)[:, 1 : 1 + d_in]  # row stride d_in + 3
+        out = torch.randn(n, d_out + 2, generator=g)[:, :d_out]
+        want = out.clone()
+        add_lora_reference(want, x, A, BT, slots)
+        for work in (0, 1 << 40):  # always / never multi-threaded
+            got = out.clone()
+            backend.parallel_work = work
+            backend.add_lora_(got, x, A, BT, plan_step(slots, rank, torch.float32))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_native_kernel_refuses_arguments_that_disagree():
+    backend = _native()
+    A, BT = _buffers()
+    slots = torch.tensor([0, 1, 2])
+    plan = plan_step(slots, R, torch.float32)
+    with pytest.raises(ValueError, match="do not agree"):
+        backend.add_lora_(torch.zeros(3, D_OUT), torch.zeros(3, D_IN + 1), A, BT, plan)
+    with pytest.raises(ValueError, match="do not agree"):  # a slot past the buffers
+        backend.add_lora_(torch.zeros(3, D_OUT), torch.zeros(3, D_IN), A[:2], BT[:2], plan)
 
 
 @pytest.mark.gpu

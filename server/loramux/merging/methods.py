@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
+import ctypes
+
 import torch
 
 from loramux.errors import InvalidArgument
+from loramux_kernels import native
 
 # |cos θ| above 1 − this → lerp instead of slerp. Same threshold as mergekit's slerp
 # (dot_threshold=0.9995): below it, sin θ ≥ 0.03 and the slerp weights are well
@@ -184,11 +187,12 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(_kth_largest_(buf, k), dtype=values.dtype, device=values.device)
 
 
-def _trim_threshold(x: torch.Tensor, k: int, scratch: torch.Tensor) -> float | None:
+def _trim_threshold(x: torch.Tensor, k: int, scratch: torch.Tensor | None = None) -> float | None:
     """t with "keep |x| ≥ t" ≡ "keep torch.topk(|x|, k)": for every entry, x kept or
     dropped by the two rules gives the same value. None when only torch.topk can
     say which of several entries tied at t it keeps (a positive |x| tied across the
-    cut: rare). scratch: x's shape and dtype (float32/64), contiguous; overwritten.
+    cut: rare). scratch: x's shape and dtype (float32/64), contiguous; overwritten
+    (allocated when None).
 
     t = the k-th largest |x| (+inf for k = 0, 0 for k ≥ numel). If t = 0, |x| ≥ 0
     keeps every entry, and the zeros topk may drop are zeros either way.
@@ -198,6 +202,12 @@ def _trim_threshold(x: torch.Tensor, k: int, scratch: torch.Tensor) -> float | N
         return math.inf
     if k >= n:
         return 0.0
+    lib = _merge_kernels(x)
+    if lib is not None:
+        t, n_ge = _native_kth_largest_abs(lib, x, k)
+        return 0.0 if t == 0.0 else (t if n_ge == k else None)
+    if scratch is None:
+        scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
     mag = torch.abs(x, out=scratch).view(-1)  # [n]
     t = _kth_largest_(mag, k)
     if t == 0.0:
@@ -315,6 +325,57 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
 
 
 # ---------------------------------------------------------------------------
+# Native CPU kernels (kernels/loramux_kernels/csrc/merge_cpu.c): the same results,
+# in fewer passes over memory; used for contiguous float32 CPU tensors when the
+# kernels build here, the torch formulation otherwise.
+# ---------------------------------------------------------------------------
+
+
+def _merge_kernels(x: torch.Tensor):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    return native.load("merge_cpu")
+
+
+def _native_kth_largest_abs(lib, x: torch.Tensor, k: int) -> tuple[float, int]:
+    """(t = the k-th largest |x|, #{|x| ≥ t}) of a contiguous float32 CPU tensor."""
+    t, n_ge = ctypes.c_float(), ctypes.c_int64()
+    lib.lmx_kth_largest_abs_f32(
+        x.data_ptr(), x.numel(), k, torch.get_num_threads(), ctypes.byref(t), ctypes.byref(n_ge)
+    )
+    return t.value, n_ge.value
+
+
+def _native_ties(lib, rows, thresholds, weights, majority_sign_method: str) -> torch.Tensor:
+    """TIES over contiguous float32 CPU tensors of one shape, in one pass: vᵢ = dᵢ·wᵢ
+    where |dᵢ| ≥ tᵢ (else 0), then `_elect_and_mean_` of the vᵢ (see merge_cpu.c)."""
+    out = torch.empty(rows[0].shape, dtype=torch.float32)
+    ptrs = torch.tensor([r.data_ptr() for r in rows], dtype=torch.int64)
+    t = torch.tensor(thresholds, dtype=torch.float32)
+    w = torch.tensor(weights, dtype=torch.float32)  # the rounding of _float32_weights
+    lib.lmx_ties_merge_f32(
+        ptrs.data_ptr(), t.data_ptr(), w.data_ptr(), len(rows), out.numel(),
+        int(majority_sign_method == "frequency"), torch.get_num_threads(), out.data_ptr(),
+    )
+    return out
+
+
+def _fused_ties(deltas, weights, density: float, majority_sign_method: str) -> torch.Tensor | None:
+    """`ties` without materializing the trimmed inputs, or None where the native
+    kernels do not apply (not CPU float32, or a tie across a trim cut: topk decides)."""
+    rows = [d.to(torch.float32).contiguous() for d in deltas]
+    lib = _merge_kernels(rows[0])
+    if lib is None:
+        return None
+    n = rows[0].numel()
+    k = n if density >= 1 else int(density * n)
+    thresholds = [_trim_threshold(r, k) for r in rows]
+    if any(t is None for t in thresholds):
+        return None
+    return _native_ties(lib, rows, thresholds, weights, majority_sign_method)
+
+
+# ---------------------------------------------------------------------------
 # Sign election and disjoint mean
 # ---------------------------------------------------------------------------
 
@@ -333,13 +394,19 @@ def elect_and_mean(weighted: torch.Tensor, majority_sign_method: str) -> torch.T
 
 
 def _elect_and_mean_(weighted: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
-    """`elect_and_mean` on a contiguous floating `weighted`, which it overwrites.
+    """`elect_and_mean` on a contiguous floating `weighted`, which it may overwrite.
 
     With e = ±1 the elected sign, an input agrees where wᵢ · e > 0, so
     relu(wᵢ · e) · e is wᵢ where it agrees and ±0 elsewhere (· e is exact): the
     same values, summed over dim 0 of the same [N, *shape] layout, as the plain
     formulation (weighted · bool mask), so the same result.
     """
+    lib = _merge_kernels(weighted)
+    if lib is not None:  # the same sums in one native pass; rows kept as they are
+        rows = list(weighted.view(weighted.shape[0], -1))
+        return _native_ties(lib, rows, [0.0] * len(rows), [1.0] * len(rows), majority_sign_method).view(
+            weighted.shape[1:]
+        )
     if majority_sign_method == "total":
         score = weighted.sum(dim=0)  # [*shape]
     else:
@@ -559,6 +626,9 @@ def ties(deltas, weights, *, density: float, majority_sign_method: str = "total"
     return the mean of the agreeing weighted values (see `elect_and_mean`)."""
     deltas, weights = _check_inputs(deltas, weights)
     p = _params("ties", density=density, majority_sign_method=majority_sign_method)
+    fused = _fused_ties(deltas, weights, p["density"], p["majority_sign_method"])
+    if fused is not None:
+        return fused
     return _elect_and_mean_(_trimmed_weighted(deltas, weights, p["density"]), p["majority_sign_method"])
 
 
