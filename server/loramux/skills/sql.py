@@ -186,6 +186,7 @@ def _fixed(sql: str, ordered: bool = False):
     return build
 
 
+# Per intent: 12 wordings (index 3 validation, 4 test, every other index train).
 INTENTS = (
     Intent("dept_names", (
         "List the names of the employees in the {dept} department.",
@@ -194,6 +195,12 @@ INTENTS = (
         "Which employees belong to the {dept} department?",
         "Show me everyone working for {dept}.",
         "Give the employee names for department {dept}.",
+        "For the {dept} department, list every employee's name.",
+        "What are the names of the people employed in {dept}?",
+        "{dept} department: employee names only.",
+        "Could you fetch the names of all employees assigned to {dept}?",
+        "I'd like a list of the names of every {dept} staff member.",
+        "Find all members of the {dept} department and return their names.",
     ), {"dept": "dept"}, _fixed(f"SELECT e.name {JOIN} WHERE d.name = '{{dept}}';")),
     Intent("dept_count", (
         "How many employees work in the {dept} department?",
@@ -202,6 +209,12 @@ INTENTS = (
         "How many people does the {dept} department have?",
         "Tell me the headcount of {dept}.",
         "Number of employees working for {dept}?",
+        "Please count the employees of the {dept} department.",
+        "What's the total number of people employed in {dept}?",
+        "Employee count for the {dept} department?",
+        "Can you find out how many employees are assigned to {dept}?",
+        "We want the number of workers in {dept}.",
+        "Get the total number of staff members in the {dept} department.",
     ), {"dept": "dept"}, _fixed(f"SELECT COUNT(*) {JOIN} WHERE d.name = '{{dept}}';")),
     Intent("dept_avg_salary", (
         "What is the average salary in the {dept} department?",
@@ -210,6 +223,12 @@ INTENTS = (
         "On average, how much do {dept} employees earn?",
         "Give the average employee salary for department {dept}.",
         "Mean salary for people in {dept}?",
+        "Please compute the average salary of everyone in {dept}.",
+        "Mean of the salaries earned in {dept}, please.",
+        "{dept} department: average salary.",
+        "Could you work out the mean salary of the {dept} employees?",
+        "I'd like to know the average pay of the people working in {dept}.",
+        "Across all {dept} staff, what is the mean salary?",
     ), {"dept": "dept"}, _fixed(f"SELECT AVG(e.salary) {JOIN} WHERE d.name = '{{dept}}';")),
     Intent("dept_max_salary", (
         "What is the highest salary in the {dept} department?",
@@ -218,6 +237,12 @@ INTENTS = (
         "How much does the best paid person in {dept} earn?",
         "Give the largest salary of department {dept}.",
         "Highest employee salary within {dept}?",
+        "Please find the maximum salary paid in the {dept} department.",
+        "What's the highest pay anyone in {dept} receives?",
+        "Top salary in the {dept} department?",
+        "Can you look up the biggest salary among the {dept} staff?",
+        "I want to know the greatest salary earned by anyone in {dept}.",
+        "Among {dept} employees, what is the top salary?",
     ), {"dept": "dept"}, _fixed(f"SELECT MAX(e.salary) {JOIN} WHERE d.name = '{{dept}}';")),
     Intent("salary_above", (
         "List the names of employees earning more than {amount}.",
@@ -226,6 +251,12 @@ INTENTS = (
         "Which employees make more than {amount} a year?",
         "Show everyone whose salary exceeds {amount}.",
         "Employees with salary greater than {amount}: names please.",
+        "Get the names of everyone earning strictly more than {amount}.",
+        "Who is paid more than {amount}? Just the names.",
+        "Employee names where the salary is over {amount}.",
+        "Could you find the employees earning above {amount} and list their names?",
+        "I'd like the names of all staff members whose pay is higher than {amount}.",
+        "Retrieve employees with salary > {amount}; return their names.",
     ), {"amount": "amount"}, _fixed("SELECT name FROM employees WHERE salary > {amount};")),
     Intent("salary_between", (
         "List employees with a salary between {low} and {high}.",
@@ -234,6 +265,14 @@ INTENTS = (
         "Which employees have salaries in the range {low} to {high}?",
         "Show the people paid at least {low} and at most {high}.",
         "Employees earning between {low} and {high}: give names.",
+        "Please give the names of employees whose salary lies between {low} and "
+        "{high}, bounds included.",
+        "Who is paid anywhere from {low} up to {high}, inclusive? Names only.",
+        "Names of employees with {low} <= salary <= {high}.",
+        "Could you find everyone whose pay is between {low} and {high}, both "
+        "included, and list their names?",
+        "I'd like the names of staff whose salary is in the closed interval [{low}, {high}].",
+        "Get the names of everyone with a salary from {low} through {high}.",
     ), {"low": "amount", "high": "amount"},
         _fixed("SELECT name FROM employees WHERE salary BETWEEN {low} AND {high};")),
     Intent("hired_in", (
@@ -243,6 +282,12 @@ INTENTS = (
         "Who started working here in {year}?",
         "Show the employees hired during {year}.",
         "Give me everyone whose hire year is {year}.",
+        "Please list the names of everyone hired in {year}.",
+        "What are the names of the employees whose hire year is {year}?",
+        "{year} hires, names only.",
+        "Could you find the people who were taken on in {year} and give their names?",
+        "I'd like the names of the employees that joined the company in {year}.",
+        "Retrieve all employees with hire_year = {year}; return their names.",
     ), {"year": "year"}, _fixed("SELECT name FROM employees WHERE hire_year = {year};")),
     Intent("hired_after_count", (
         "How many employees were hired after {year}?",
@@ -251,6 +296,12 @@ INTENTS = (
         "How many hires happened after the year {year}?",
         "Tell me how many employees started after {year}.",
         "What is the count of employees hired after {year}?",
+        "Please count the employees hired after {year}.",
+        "What's the number of people who joined after {year}?",
+        "Employees hired later than {year}: how many are there?",
+        "Could you count the staff whose hire year comes after {year}?",
+        "My manager wants the number of employees with a hire year above {year}.",
+        "Find how many employees were hired in some year after {year}.",
     ), {"year": "year"}, _fixed("SELECT COUNT(*) FROM employees WHERE hire_year > {year};")),
     Intent("title_names", (
         "List the names of all employees with the title {title}.",
@@ -259,6 +310,12 @@ INTENTS = (
         "Which employees hold the title {title}?",
         "Show everyone employed as {title}.",
         "Give the names of people with title {title}.",
+        "Please list the names of the employees whose title is {title}.",
+        "What are the names of the people working as {title}?",
+        "Employees with job title {title}: names only.",
+        "Can you find every {title} in the company and give me their names?",
+        "I'd like the names of staff members in the {title} role.",
+        "Retrieve the employees titled {title}; return their names.",
     ), {"title": "title"}, _fixed("SELECT name FROM employees WHERE title = '{title}';")),
     Intent("city_departments", (
         "Which departments are located in {city}?",
@@ -267,6 +324,12 @@ INTENTS = (
         "What departments does the {city} office host?",
         "Show all departments whose city is {city}.",
         "Give the departments situated in {city}.",
+        "Among all departments, list the names of those located in {city}.",
+        "Which departments have {city} as their city?",
+        "Departments located in {city}: names only.",
+        "Could you find the names of all departments whose location is {city}?",
+        "I'd like to know which departments sit in {city}; give their names.",
+        "Find the departments in the city {city} and return their names.",
     ), {"city": "city"}, _fixed("SELECT name FROM departments WHERE city = '{city}';")),
     Intent("city_employees", (
         "List the names of employees who work in {city}.",
@@ -275,6 +338,12 @@ INTENTS = (
         "Which employees work at the {city} location?",
         "Show everyone working in a department in {city}.",
         "Give the employees located in {city}.",
+        "Please list the names of the staff whose department is located in {city}.",
+        "What are the names of the people working in {city}?",
+        "Employees in {city} (by their department's city): names.",
+        "Could you find all employees whose department's city is {city}? Names only.",
+        "I'd like the names of all workers based in {city}.",
+        "Get the employees of the departments located in {city} and return their names.",
     ), {"city": "city"}, _fixed(f"SELECT e.name {JOIN} WHERE d.city = '{{city}}';")),
     Intent("top_paid", (
         "List the {k} highest paid employees, highest first.",
@@ -283,6 +352,15 @@ INTENTS = (
         "Give the {k} best paid people in descending order of salary.",
         "Show the top {k} salaries' owners from highest to lowest.",
         "Which {k} employees earn the most? Sort from the highest salary.",
+        "Please list the names of the {k} employees with the highest "
+        "salaries, highest salary first.",
+        "Whose salaries are the {k} largest? Names, sorted from the largest salary down.",
+        "Top {k} employees by salary (names), sorted descending.",
+        "Could you find the {k} best-paid staff members and list their names from the "
+        "highest salary downwards?",
+        "I'd like the names of the {k} highest earners, ordered by salary from high to low.",
+        "Find the {k} employees with the biggest salaries; return their "
+        "names, largest salary first.",
     ), {"k": "k"},
         _fixed("SELECT name FROM employees ORDER BY salary DESC LIMIT {k};", ordered=True)),
     Intent("employee_salary", (
@@ -292,6 +370,12 @@ INTENTS = (
         "Tell me {employee}'s salary.",
         "Show the salary for {employee}.",
         "Salary of employee {employee}?",
+        "Please look up the salary of {employee}.",
+        "What does {employee} get paid?",
+        "{employee}: salary?",
+        "Could you find out what {employee} earns?",
+        "I'd like to know how much {employee} is paid.",
+        "Find the salary of the employee called {employee}.",
     ), {"employee": "employee"},
         _fixed("SELECT salary FROM employees WHERE name = '{employee}';")),
     Intent("employee_department", (
@@ -301,6 +385,12 @@ INTENTS = (
         "In which department is {employee} employed?",
         "Tell me {employee}'s department.",
         "Department name for employee {employee}?",
+        "Please look up the department of {employee}.",
+        "Where does {employee} work? Give the department name.",
+        "{employee}: which department?",
+        "Could you find the name of the department {employee} is in?",
+        "I'd like to know what department {employee} is part of.",
+        "Find which department the employee named {employee} is assigned to.",
     ), {"employee": "employee"},
         _fixed(f"SELECT d.name {JOIN} WHERE e.name = '{{employee}}';")),
     Intent("budget_above", (
@@ -310,6 +400,12 @@ INTENTS = (
         "What departments are funded with more than {budget}?",
         "Show the departments having a budget over {budget}.",
         "Give departments with budget larger than {budget}.",
+        "Quick question: what are the names of departments whose budget is above {budget}?",
+        "Which departments' budgets are higher than {budget}?",
+        "Departments with budget > {budget}: names.",
+        "Could you find every department with a budget of more than {budget} and list their names?",
+        "I'd like the names of the departments whose budget is bigger than {budget}.",
+        "Retrieve the departments with budgets exceeding {budget}; return their names.",
     ), {"budget": "budget"}, _fixed("SELECT name FROM departments WHERE budget > {budget};")),
     Intent("dept_by_salary", (
         "List the employees of {dept} ordered by salary, lowest first.",
@@ -318,6 +414,13 @@ INTENTS = (
         "Give the people in {dept}, in increasing order of pay.",
         "Who works in {dept}? Sort by salary from low to high.",
         "Employees of department {dept} by ascending salary.",
+        "Please list the names of {dept} employees, ordered by salary ascending.",
+        "What are the names of the people in the {dept} department, sorted from the "
+        "smallest salary to the largest?",
+        "{dept} department: employee names ordered by salary, lowest paid first.",
+        "Could you list everyone in {dept} by name, starting with the lowest salary and going up?",
+        "I'd like the names of the {dept} employees ranked by pay in ascending order.",
+        "Find the employees of {dept} and return their names sorted by increasing salary.",
     ), {"dept": "dept"},
         _fixed(f"SELECT e.name {JOIN} WHERE d.name = '{{dept}}' ORDER BY e.salary;",
                ordered=True)),

@@ -6,7 +6,7 @@ department"), each asked through several *templates* (wordings of the question) 
 
 Splits are disjoint by template and by value, so a test score measures the skill and
 not memory of training items:
-- per intent, templates are dealt to splits by index (`split_of_index`): a test
+- per intent, templates are dealt to splits by index (`split_of_template`): a test
   question is always worded in a way no training question was;
 - every pool is dealt the same way (`deal_pools`; a value in several pools goes to
   one split): a test question only uses values no training or validation question
@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 SPLITS = ("train", "validation", "test")
-# Index i of a pool or of an intent's template list goes to SPLIT_OF_RESIDUE[i % 5]:
-# 60% train, 20% validation, 20% test.
+# Index i of a pool goes to SPLIT_OF_RESIDUE[i % 5]: 60% train, 20% validation, 20% test.
+# Index i of an intent's template list goes to SPLIT_OF_RESIDUE[i] for i < 5 and to train
+# beyond (3 validation, 4 test, every other index train): extra wordings only widen training.
 SPLIT_OF_RESIDUE = ("train", "train", "train", "validation", "test")
 DEFAULT_SIZES = {"train": 2000, "validation": 100, "test": 200}
 # Give up drawing once this many draws in a row produced no new prompt.
@@ -98,6 +99,10 @@ def split_of_index(i: int) -> str:
     return SPLIT_OF_RESIDUE[i % len(SPLIT_OF_RESIDUE)]
 
 
+def split_of_template(i: int) -> str:
+    return SPLIT_OF_RESIDUE[i] if i < len(SPLIT_OF_RESIDUE) else "train"
+
+
 def deal_pools(pools: Mapping[str, Sequence]) -> dict[str, dict[str, list]]:
     """pool → split → its values. A value is dealt by its index in the first pool
     (in mapping order) that holds it, and every other pool follows that choice, so
@@ -135,7 +140,7 @@ def generate(
         (intent, i)
         for intent in intents
         for i in range(len(intent.templates))
-        if split_of_index(i) == split
+        if split_of_template(i) == split
     ]
     by_intent: dict[str, list[int]] = {}
     for intent, i in choices:
