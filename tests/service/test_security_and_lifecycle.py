@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import urllib.request
 
 import grpc
 import pytest
@@ -43,6 +44,10 @@ def test_tokens_guard_inference_and_admin_separately(secured):
             assert "Bearer" in err.value.details()
         assert inference.Generate(HELLO, metadata=_bearer("api-secret")).usage.completion_tokens >= 1
         assert admin.ServerInfo(pb.ServerInfoRequest(), metadata=_bearer("admin-secret")).device == "cpu"
+        # Refusals are counted like any other outcome.
+        text = urllib.request.urlopen(f"http://127.0.0.1:{secured.server.metrics_port}/metrics").read().decode()
+        for rpc, n in [("Generate", 2), ("GenerateStream", 1), ("ServerInfo", 1)]:
+            assert f'loramux_requests_total{{code="UNAUTHENTICATED",rpc="{rpc}"}} {n}.0' in text, rpc
         # Probes reach health without a token.
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="loramux.v1.Inference"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING

@@ -8,6 +8,7 @@ must reach them without secrets. Tokens are compared in constant time.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 import grpc
 
@@ -16,8 +17,14 @@ ADMIN_PREFIX = "/loramux.v1.Admin/"
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    def __init__(self, api_token: str | None, admin_token: str | None):
+    """on_denied(rpc): called with the RPC's short name ("Generate") for every call
+    refused, so refusals show in the request metrics like any other outcome."""
+
+    def __init__(
+        self, api_token: str | None, admin_token: str | None, on_denied: Callable[[str], None] = lambda rpc: None
+    ):
         self._tokens = {INFERENCE_PREFIX: api_token, ADMIN_PREFIX: admin_token or api_token}
+        self._on_denied = on_denied
 
     def _required(self, method: str) -> tuple[str | None, str]:
         for prefix, token in self._tokens.items():
@@ -36,6 +43,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         message = (
             f"missing or wrong {which} token: send metadata 'authorization: Bearer <token>'"
         )
+        # A known method (handler is not None), so the label set stays bounded.
+        self._on_denied(details.method.rsplit("/", 1)[-1])
         return _denied(handler, message)
 
 

@@ -106,7 +106,11 @@ class LoramuxServer:
         cfg = self.cfg
         interceptors = []
         if self.secrets.api_token or self.secrets.admin_token:
-            interceptors.append(BearerTokenAuth(self.secrets.api_token, self.secrets.admin_token))
+            metrics = self.state.metrics
+            interceptors.append(BearerTokenAuth(
+                self.secrets.api_token, self.secrets.admin_token,
+                on_denied=lambda rpc: metrics.observe_rpc(rpc, "UNAUTHENTICATED"),
+            ))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
