@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from loramux_kernels import native
@@ -71,7 +72,12 @@ class NativeCpuBackend:
     parallel_work = 1 << 16
 
     def __init__(self, lib):
-        self._fn = lib.lmx_lora_add_f32
+        self._fn = lib.lmx_lora_add_f32_packed
+        # The call's arguments, packed: one pointer through ctypes instead of 13
+        # arguments saves microseconds per layer. Forward passes run on one thread
+        # (the engine's), so one buffer per backend is enough.
+        self._args = np.zeros(13, dtype=np.int64)
+        self._args_ptr = self._args.ctypes.data
         self._torch = TorchBackend()
 
     def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
@@ -100,10 +106,11 @@ class NativeCpuBackend:
                 f"A {tuple(A.shape)}, BT {tuple(BT.shape)}, plan for {n} tokens up to slot {plan.max_slot}"
             )
         threads = torch.get_num_threads() if n * r * (d_in + d_out) >= self.parallel_work else 1
-        self._fn(
+        self._args[:] = (
             out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), BT.data_ptr(),
             plan.token_slots.data_ptr(), n, d_in, d_out, r, r, threads,
         )
+        self._fn(self._args_ptr)
 
 
 def select_backend(device: torch.device) -> LoraBackend:

@@ -32,6 +32,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # name → argtypes of every exported function
 SIGNATURES = {
     "lmx_lora_add_f32": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64],
+    "lmx_lora_add_f32_packed": [_PTR],
     "lmx_kth_largest_abs_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "lmx_ties_merge_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
 }

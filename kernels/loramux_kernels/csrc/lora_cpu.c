@@ -62,3 +62,12 @@ void lmx_lora_add_f32(float *out, int64_t out_stride, const float *x, int64_t x_
         }
     }
 }
+
+/* lmx_lora_add_f32 with its 13 arguments in one int64 array, in the same order
+ * (pointers as integers): one argument is far cheaper to pass through ctypes. */
+void lmx_lora_add_f32_packed(const int64_t *a)
+{
+    lmx_lora_add_f32((float *)(intptr_t)a[0], a[1], (const float *)(intptr_t)a[2], a[3],
+                     (const float *)(intptr_t)a[4], (const float *)(intptr_t)a[5],
+                     (const int64_t *)(intptr_t)a[6], a[7], a[8], a[9], a[10], a[11], a[12]);
+}
