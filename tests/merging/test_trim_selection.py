@@ -4,6 +4,8 @@ in-place TIES election, and DARE masks drawn without torch.bernoulli."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -186,11 +188,22 @@ def _elect_reference(weighted: torch.Tensor, method: str) -> torch.Tensor:
     method=st.sampled_from(["total", "frequency"]),
 )
 def test_elect_and_mean_equals_the_reference(kind, shape, n, seed, method):
+    """The blocked torch formulation sums what the reference sums, in its order:
+    equal bit for bit. The native kernel (used when it builds) sums in input order,
+    which torch's reduction need not follow: equal to float32 rounding."""
     w = torch.stack([_inputs(kind, shape, seed + i) for i in range(n)])
     before = w.clone()
+    want = _elect_reference(w, method)
+    with mock.patch.object(M, "_merge_kernels", lambda x: None):
+        assert torch.equal(M.elect_and_mean(w, method), want)
     got = M.elect_and_mean(w, method)
     assert torch.equal(w, before)  # the public function does not modify its input
-    assert torch.equal(got, _elect_reference(w, method))
+    # Bound on the difference of two float32 summation orders of n terms ≤ scale.
+    atol = n * n * 1.2e-7 * (float(w.abs().max()) if w.numel() else 0.0)
+    # Where the "total" score itself is within that bound of 0 the election may flip.
+    clear = (w.sum(0).abs() > atol) if method == "total" else torch.ones_like(got, dtype=torch.bool)
+    torch.testing.assert_close(got[clear], want[clear], rtol=0, atol=atol)
+    assert torch.equal((got == 0)[clear], (want == 0)[clear])
 
 
 # ---------------------------------------------------------------------------

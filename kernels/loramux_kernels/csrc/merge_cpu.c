@@ -10,9 +10,10 @@
  *     score = sum_i v_i ("total") or sum_i sign(v_i) ("frequency"), in order i = 0..N-1
  *     e = score >= 0 ? +1 : -1                          (a tie elects +)
  *     out[j] = sum over i with v_i * e > 0 of v_i / max(#such i, 1)
- *   Sums run in input order in float32, the order torch's sum over dim 0 uses, so
- *   non-zero results equal the torch formulation bit for bit (zeros may differ in
- *   sign). With t_i = 0 and w_i = 1 it is the elect + mean of already-prepared rows.
+ *   Sums run in input order in float32. torch's reduction over dim 0 may group
+ *   the terms differently, so results equal the torch formulation to float32
+ *   rounding (a few ulps of the largest term), with the same trim and election.
+ *   With t_i = 0 and w_i = 1 it is the elect + mean of already-prepared rows.
  */
 #include <stdint.h>
 #include <stdlib.h>

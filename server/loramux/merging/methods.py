@@ -325,8 +325,9 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
 
 
 # ---------------------------------------------------------------------------
-# Native CPU kernels (kernels/loramux_kernels/csrc/merge_cpu.c): the same results,
-# in fewer passes over memory; used for contiguous float32 CPU tensors when the
+# Native CPU kernels (kernels/loramux_kernels/csrc/merge_cpu.c), in fewer passes over
+# memory: the same selections (k-th largest, trim, election) exactly, the same sums
+# up to float32 summation order. Used for contiguous float32 CPU tensors when the
 # kernels build here, the torch formulation otherwise.
 # ---------------------------------------------------------------------------
 
@@ -402,7 +403,7 @@ def _elect_and_mean_(weighted: torch.Tensor, majority_sign_method: str) -> torch
     formulation (weighted · bool mask), so the same result.
     """
     lib = _merge_kernels(weighted)
-    if lib is not None:  # the same sums in one native pass; rows kept as they are
+    if lib is not None:  # one native pass (sums in input order); rows kept as they are
         rows = list(weighted.view(weighted.shape[0], -1))
         return _native_ties(lib, rows, [0.0] * len(rows), [1.0] * len(rows), majority_sign_method).view(
             weighted.shape[1:]
