@@ -55,9 +55,16 @@ class TorchBackend:
             else:
                 out.index_add_(0, plan.token_of_block, delta)
         else:  # segment
-            for slot, idx in plan.groups:
-                xs = x.index_select(0, idx)  # [n_s, d_in]
-                out.index_add_(0, idx, (xs @ A[slot].t()) @ BT[slot])
+            n_a = plan.token_of_block.numel()
+            xs = x if plan.in_token_order else x.index_select(0, plan.token_of_block)  # [n_a, d_in]
+            delta = torch.empty(n_a + 1, out.shape[1], dtype=out.dtype, device=out.device)  # [n_a + 1, d_out]
+            delta[n_a].zero_()  # the row tokens without an adapter read
+            for slot, start, end in plan.groups:
+                torch.mm(xs[start:end] @ A[slot].t(), BT[slot], out=delta[start:end])
+            if plan.in_token_order:
+                out.add_(delta[:n_a])
+            else:
+                out.add_(delta.index_select(0, plan.block_of_token))
 
 
 class NativeCpuBackend:
@@ -67,7 +74,10 @@ class NativeCpuBackend:
     torch ops' dispatch costs more than the arithmetic; one call does not."""
 
     name = "cpu-native"
-    max_tokens = 32  # beyond this a prefill's GEMMs beat per-token loops
+    # Rows on distinct adapters up to this many tokens (decode); beyond it, or when
+    # more than `max_single_tokens` tokens share one adapter, GEMMs beat per-token loops.
+    max_tokens = 32
+    max_single_tokens = 4
     # Below this many multiply-adds a second thread costs more than it saves.
     parallel_work = 1 << 16
 
@@ -87,6 +97,7 @@ class NativeCpuBackend:
         if (
             plan.token_slots is None
             or n > self.max_tokens
+            or (plan.mode == "single" and n > self.max_single_tokens)
             or A.dtype != torch.float32
             or out.dtype != torch.float32
             or x.dtype != torch.float32

@@ -22,13 +22,15 @@ class StepPlan:
     mode:
       "none"    no token uses an adapter; layers skip LoRA entirely.
       "single"  one slot for every token that has one (`token_mask` zeroes the rest).
-      "grouped" few tokens (decode), several slots: tokens gathered into a
+      "grouped" few tokens (decode), or a prefill whose slots have similar token
+                counts, several slots: tokens gathered into a
                 [k, m, d] block (k slots used, m = most tokens on one slot, padding
                 rows zeroed), one bmm shrink and one bmm expand against the used
                 slots, one scatter-add back. 4-5 ops per layer whatever the mix,
                 and each used adapter's weights are read once.
-      "segment" many tokens (prefill), several slots: one shrink/expand per slot over
-                that slot's token indices (`groups`).
+      "segment" many tokens on unevenly used slots: tokens gathered once into slot
+                order, one shrink/expand GEMM per slot on its contiguous run
+                (`groups`), one gather back to token order (no scatter-add).
     rank: the slot buffers' rank stride R when the plan was made.
     """
 
@@ -38,18 +40,20 @@ class StepPlan:
     slot: int = NO_SLOT
     token_mask: torch.Tensor | None = None  # [N, 1], 1.0 where the token uses `slot`
     # grouped mode: block position p = i*m + j holds the j-th token of used slot i.
+    # segment mode: block position p holds the p-th token in slot order (no padding).
     used_slots: torch.Tensor | None = None  # [k] slot ids, ascending
     slot_prefix: bool = False  # used_slots == arange(k): slice the buffers, no gather
     block_shape: tuple[int, int] = (0, 0)  # (k, m)
     token_of_block: torch.Tensor | None = None  # [k*m] token index (0 for padding)
     block_mask: torch.Tensor | None = None  # [k, m, 1] 1.0 on real tokens; None if no padding
     # The inverse: block position of each token ([N]); a token without an adapter
-    # points at a padding position (its delta row is zero). None when such a token
-    # exists but the block has no padding (then deltas are scatter-added instead).
-    # Gathering is ~10x faster than index_add_ on CPU.
+    # points at a padding position (its delta row is zero; in segment mode the row
+    # past the block). grouped: None when such a token exists but the block has no
+    # padding (then deltas are scatter-added). Gathering is ~10x faster than
+    # index_add_ on CPU.
     block_of_token: torch.Tensor | None = None
     in_token_order: bool = False  # block position p holds token p: add the block as is
-    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, idx [n_s])
+    groups: list[tuple[int, int, int]] = field(default_factory=list)  # segment: (slot, start, end) in the block
     # single and grouped modes: the [N] int64 slot of each token, contiguous, for
     # kernels that route per token themselves; max_slot bounds it (buffer checks).
     token_slots: torch.Tensor | None = None
@@ -61,10 +65,14 @@ def plan_step(
     rank: int,
     dtype: torch.dtype,
     small_max_tokens: int = 64,
+    max_padding: float = 1.5,
 ) -> StepPlan:
     """Plan one step from token_slots: [N] int64 (slot per token, NO_SLOT for none).
 
     Masks are built on token_slots' device in `dtype` (the slot buffers' dtype).
+    Up to `small_max_tokens` tokens on several slots are always grouped; more are
+    grouped while the padded block has at most `max_padding` × N positions, and
+    segmented beyond.
     """
     n = token_slots.numel()
     used = torch.unique(token_slots[token_slots != NO_SLOT]).tolist()
@@ -77,9 +85,29 @@ def plan_step(
         mask = None if bool(has.all()) else has.to(dtype).unsqueeze(1)  # [N, 1]
         return StepPlan("single", n, rank, slot=slot, token_mask=mask, **routing)
     if n > small_max_tokens:
-        groups = [(s, (token_slots == s).nonzero().squeeze(1)) for s in used]
-        return StepPlan("segment", n, rank, groups=groups)
+        # A prefill: one bmm over a padded [k, m] block beats k small GEMMs unless the
+        # padding is large (one adapter with many more tokens than the others).
+        counts = torch.bincount(token_slots[token_slots != NO_SLOT])[used]
+        if len(used) * int(counts.max()) > max_padding * n:
+            return _segment_plan(token_slots, used, n, rank)
     return _grouped_plan(token_slots, used, n, rank, dtype, routing)
+
+
+def _segment_plan(token_slots, used: list[int], n: int, rank: int) -> StepPlan:
+    members = [(token_slots == s).nonzero().squeeze(1) for s in used]  # token indices per slot
+    token_of_block = torch.cat(members)  # [n_a]: tokens with an adapter, in slot order
+    n_a = token_of_block.numel()
+    groups, start = [], 0
+    for s, idx in zip(used, members):
+        groups.append((s, start, start + idx.numel()))
+        start += idx.numel()
+    block_of_token = torch.full((n,), n_a, dtype=torch.long, device=token_slots.device)  # n_a: the zero row
+    block_of_token[token_of_block] = torch.arange(n_a, device=token_slots.device)
+    in_order = n_a == n and bool((token_of_block == torch.arange(n, device=token_slots.device)).all())
+    return StepPlan(
+        "segment", n, rank, groups=groups, token_of_block=token_of_block,
+        block_of_token=block_of_token, in_token_order=in_order,
+    )
 
 
 def _grouped_plan(token_slots, used: list[int], n: int, rank: int, dtype, routing: dict) -> StepPlan:

@@ -57,8 +57,9 @@ def test_cpu_gets_the_native_kernels_where_a_compiler_exists():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("small_max_tokens", [0, 64])  # 0 forces segment mode
-def test_backend_matches_reference(backend, case, small_max_tokens):
+@pytest.mark.parametrize("plan_kw", [{}, {"small_max_tokens": 0, "max_padding": 0.0}],
+                         ids=["default", "force_segment"])
+def test_backend_matches_reference(backend, case, plan_kw):
     slots = torch.tensor(CASES[case])
     A, BT = _buffers()
     x = torch.randn(len(slots), D_IN)
@@ -66,7 +67,7 @@ def test_backend_matches_reference(backend, case, small_max_tokens):
     want = base.clone()
     add_lora_reference(want, x, A, BT, slots)
     got = base.clone()
-    plan = plan_step(slots, R, torch.float32, small_max_tokens=small_max_tokens)
+    plan = plan_step(slots, R, torch.float32, **plan_kw)
     BACKENDS[backend]().add_lora_(got, x, A, BT, plan)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if case != "none":
@@ -93,8 +94,15 @@ def test_plan_modes():
     assert grouped.block_mask is not None  # slot 2 has one token, the others two
     prefix = plan_step(torch.tensor([1, 0, 0, 1]), R, torch.float32)
     assert prefix.slot_prefix and prefix.block_mask is None
-    seg = plan_step(torch.tensor(CASES["mixed"]), R, torch.float32, small_max_tokens=3)
-    assert seg.mode == "segment" and sorted(s for s, _ in seg.groups) == [0, 2, 5]
+    # Past small_max_tokens: grouped while the padded block stays small, else segment.
+    assert plan_step(torch.tensor(CASES["mixed"]), R, torch.float32, small_max_tokens=3).mode == "grouped"
+    uneven = torch.tensor([0] * 10 + [1, 2])  # k·m = 3·10 = 30 > 1.5 · 12
+    assert plan_step(uneven, R, torch.float32, small_max_tokens=3).mode == "segment"
+    seg = plan_step(torch.tensor(CASES["mixed"]), R, torch.float32, small_max_tokens=3, max_padding=0.0)
+    assert seg.mode == "segment" and [s for s, _, _ in seg.groups] == [0, 2, 5]
+    # slot order: slot 0 holds tokens 1 and 3, slot 2 token 4, slot 5 tokens 2 and 6
+    assert seg.token_of_block.tolist() == [1, 3, 4, 2, 6] and seg.groups[1] == (2, 2, 3)
+    assert seg.block_of_token.tolist() == [5, 0, 3, 1, 2, 5, 4]  # base tokens read the zero row 5
 
 
 def test_random_mixes_large():
