@@ -23,9 +23,9 @@ class LoraBackend(Protocol):
 
 
 class TorchBackend:
-    """Plain torch ops; runs on any device. On CPU it is the fast path: the op count
-    per layer is small and fixed whatever the adapter mix (decode is bound by op
-    dispatch and by reading adapter weights, so each used adapter is read once)."""
+    """Plain torch ops; runs on any device, and serves prefills on CPU (behind
+    `NativeCpuBackend`). The op count per layer is small and fixed whatever the
+    adapter mix, and each used adapter's weights are read once."""
 
     name = "torch"
 

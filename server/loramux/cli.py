@@ -25,6 +25,7 @@ import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from loramux.cliargs import add_base_model_args
 from loramux.config import AdapterConfig, EngineConfig, ModelConfig, SlotConfig
 from loramux.errors import LoramuxError
 from loramux_client import (
@@ -59,13 +60,7 @@ def add_command(sub, name: str, *, help: str, description: str, epilog: str | No
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("base model")
-    g.add_argument("--model", type=Path, help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--model-cache", type=Path, default=ModelConfig.cache_dir,
-                   help="where the embedded GGUF is converted to safetensors once (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--quantization", default="auto", help="auto | none | nf4 | int8")
+    add_base_model_args(p.add_argument_group("base model"))
     g = p.add_argument_group("adapters")
     g.add_argument("--adapter-root", type=Path, action="append", default=[],
                    help="directory of PEFT adapters; repeatable")

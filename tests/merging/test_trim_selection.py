@@ -43,6 +43,13 @@ def _inputs(kind: str, shape, seed: int) -> torch.Tensor:
 KINDS = ["normal", "ties", "all_equal", "zeros", "half_zero", "signed_zeros"]
 SHAPES = [(1, 1), (3, 5), (40, 33), (300, 257)]  # up to ~77k entries
 DENSITIES = [1.0, 0.9999, 0.9, 0.5, 0.29, 0.1, 0.013, 1e-4, 1e-9]
+# Any `_inputs` kind, shape and seed, plus `data` for a test's own draws (its k).
+ANY_INPUT = given(
+    kind=st.sampled_from(KINDS),
+    shape=st.sampled_from(SHAPES),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
 
 
 def _topk_reference(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -61,12 +68,7 @@ def _topk_reference(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 @FAST
-@given(
-    kind=st.sampled_from(KINDS),
-    shape=st.sampled_from(SHAPES),
-    seed=st.integers(0, 2**31 - 1),
-    data=st.data(),
-)
+@ANY_INPUT
 def test_kth_largest_is_the_sorted_entry(kind, shape, seed, data):
     x = _inputs(kind, shape, seed)
     k = data.draw(st.integers(1, x.numel()))
@@ -111,12 +113,7 @@ def test_trim_magnitude_is_topk_bit_for_bit(kind, shape):
 
 
 @FAST
-@given(
-    kind=st.sampled_from(KINDS),
-    shape=st.sampled_from(SHAPES),
-    seed=st.integers(0, 2**31 - 1),
-    data=st.data(),
-)
+@ANY_INPUT
 def test_topk_keep_mask_equals_the_topk_indicator_where_it_matters(kind, shape, seed, data):
     x = _inputs(kind, shape, seed)
     k = data.draw(st.integers(0, x.numel()))

@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loramux.benchmarks.decode import PROMPT, make_adapters
+from loramux.cliargs import add_base_model_args, module_main
 from loramux.config import ModelConfig
-from loramux.errors import InvalidArgument, LoramuxError
+from loramux.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from loramux.service.main import ServerThread
@@ -468,11 +469,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-baseline", action="store_true", help="skip the PEFT baseline")
     g.add_argument("--json", action="store_true", help="print the report as JSON only")
     g = p.add_argument_group("model and adapters (server started here, and the baseline)")
-    g.add_argument("--model", type=Path, help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--model-cache", type=Path, default=ModelConfig.cache_dir,
-                   help="where the embedded model is converted once (default: %(default)s)")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: %(default)s)")
+    add_base_model_args(g, device="cpu", dtype="float32", quantization=False)
     g.add_argument("--adapters", type=int, default=8, help="random adapters to generate when none are "
                    "given (default: %(default)s)")
     g.add_argument("--rank", type=int, default=16, help="rank of generated adapters (default: %(default)s)")
@@ -500,16 +497,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_bench_args(p)
-    p.set_defaults(command_line=shlex.join([*COMMAND.split(), *argv]))
-    try:
-        return cmd_bench(p.parse_args(argv))
-    except LoramuxError as e:
-        print(f"{COMMAND}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    return module_main(argv, prog=COMMAND, description=__doc__, add_args=add_bench_args,
+                       run=cmd_bench, command=COMMAND)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from loramux.cliargs import add_base_model_args, module_main
 from loramux.config import AdapterConfig, EngineConfig, MergeConfig, ModelConfig, SlotConfig
-from loramux.errors import InvalidArgument, LoramuxError
+from loramux.errors import InvalidArgument
 from loramux.merging.spec import MixSpec
 from loramux.skills import mergespec
 from loramux.skills.analysis import ADAPTER, BASE, MERGE, RETENTION_GOAL, Row, analyze
@@ -442,12 +443,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="report directory: report.md, report.json, report.png (default: %(default)s)")
     g.add_argument("--save-items", action="store_true", help="also write every answer to items.jsonl")
     g = p.add_argument_group("in-process model (when no --server)")
-    g.add_argument("--model", type=Path, help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--model-cache", type=Path, default=ModelConfig.cache_dir,
-                   help="where the embedded model is converted once (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
-    g.add_argument("--quantization", default="auto", help="auto | none | nf4 | int8 (default: auto)")
+    add_base_model_args(g)
     g.add_argument("--adapter-root", type=Path, help="directory holding the adapters")
     g.add_argument("--max-rank", type=int, default=AdapterConfig.max_rank,
                    help="largest adapter rank, and the rank merges are served at (default: %(default)s)")
@@ -592,16 +588,8 @@ def _finish(paths: Sequence[Path], result: dict, log: Log) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m loramux.skills.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_args(p)
-    p.set_defaults(command_line=shlex.join(["loramux", "eval", *argv]))
-    try:
-        return cmd_eval(p.parse_args(argv))
-    except LoramuxError as e:
-        print(f"{COMMAND}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    return module_main(argv, prog="python -m loramux.skills.eval", description=__doc__,
+                       add_args=add_eval_args, run=cmd_eval, command=COMMAND)
 
 
 if __name__ == "__main__":
