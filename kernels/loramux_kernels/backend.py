@@ -19,7 +19,9 @@ class LoraBackend(Protocol):
     ) -> None:
         """Semantics: `add_lora_reference(out, x, A, BT, token_slots)` for the
         token_slots the plan was made from. out: [N, d_out] (written in place),
-        x: [N, d_in], A: [S, R, d_in], BT: [S, R, d_out], all in one dtype."""
+        x: [N, d_in], A: [S, R, d_in], BT: [S, R, d_out], all in one dtype.
+        out and x may also come unflattened, [..., d_out] and [..., d_in] holding
+        the N rows row-major (a layer's [B, T, d]): no reshape on the hot path."""
 
 
 class TorchBackend:
@@ -32,6 +34,7 @@ class TorchBackend:
     def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
         if plan.mode == "none":
             return
+        x, out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         if plan.mode == "single":
             shrunk = x @ A[plan.slot].t()  # [N, R]
             if plan.token_mask is not None:
@@ -71,57 +74,109 @@ class NativeCpuBackend:
     """Decode-sized steps (few tokens, float32) go to one fused C call per layer
     (csrc/lora_cpu.c: per-token shrink and expand, OpenMP over the work); prefill,
     other dtypes and anything unusual go to the torch ops. At decode sizes the
-    torch ops' dispatch costs more than the arithmetic; one call does not."""
+    torch ops' dispatch costs more than the arithmetic; one call does not.
+
+    A decode step makes one call per target layer (210 on the default model), so
+    the Python side of a call is kept to a few attribute reads: what is fixed per
+    slot buffer (pointers, shapes; checked once) and per step (the routing; checked
+    once) sits in int64 arrays the C entry reads, and a call passes only its rows.
+    """
 
     name = "cpu-native"
     # Rows on distinct adapters up to this many tokens (decode); beyond it, or when
     # more than `max_single_tokens` tokens share one adapter, GEMMs beat per-token loops.
     max_tokens = 32
     max_single_tokens = 4
-    # Below this many multiply-adds a second thread costs more than it saves.
-    parallel_work = 1 << 16
+    # Below this many multiply-adds a second thread costs more than it saves. Decode
+    # reads the adapter weights cold, so a second core's memory bandwidth pays early
+    # (one rank-16 adapter on a 576-wide layer is ~18k).
+    parallel_work = 1 << 13
 
     def __init__(self, lib):
-        self._fn = lib.lmx_lora_add_f32_packed
-        # The call's arguments, packed: one pointer through ctypes instead of 13
-        # arguments saves microseconds per layer. Forward passes run on one thread
-        # (the engine's), so one buffer per backend is enough.
-        self._args = np.zeros(13, dtype=np.int64)
-        self._args_ptr = self._args.ctypes.data
+        self._fn = lib.lmx_lora_add_f32_step
         self._torch = TorchBackend()
+        # id(A) -> (A, BT, module args): the views are held, so an id is never
+        # reused while its entry lives, and a re-strided buffer (new views) misses.
+        self._modules: dict[int, tuple] = {}
+        self._plan: StepPlan | None = None
+        self._step = np.zeros(4, dtype=np.int64)  # one engine thread runs forwards
+        self._step_ptr = self._step.ctypes.data
+        self._native_plan = False
 
     def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
-        if plan.mode == "none":
-            return
+        if plan is not self._plan:
+            self._start_plan(plan)
+        entry = self._modules.get(id(A)) if self._native_plan else None
+        if entry is None or entry[0] is not A or entry[1] is not BT:
+            entry = self._module(A, BT, plan) if self._native_plan else None
+            if entry is None:
+                self._torch.add_lora_(out, x, A, BT, plan)
+                return
+        _, _, mod_ptr, s, d_in, d_out, _ = entry
         n = plan.num_tokens
+        # The C loop trusts its arguments: everything it indexes with, per call.
         if (
-            plan.token_slots is None
-            or n > self.max_tokens
-            or (plan.mode == "single" and n > self.max_single_tokens)
-            or A.dtype != torch.float32
-            or out.dtype != torch.float32
-            or x.dtype != torch.float32
+            x.numel() != n * d_in or out.numel() != n * d_out or x.shape[-1] != d_in
+            or out.shape[-1] != d_out or plan.max_slot >= s
         ):
-            self._torch.add_lora_(out, x, A, BT, plan)
+            raise self._disagree(out, x, A, BT, plan)
+        x_stride, out_stride = _row_stride(x), _row_stride(out)
+        if (
+            x_stride is None or out_stride is None or x.dtype is not torch.float32
+            or out.dtype is not torch.float32 or not x.is_cpu or not out.is_cpu
+        ):
+            self._torch.add_lora_(out, x, A, BT, plan)  # an unusual layout or dtype: correct, slower
             return
-        s, r, d_in = A.shape
-        d_out = BT.shape[2]
-        # The C loop trusts its arguments: check everything it indexes with.
-        if not (
-            plan.max_slot < s == BT.shape[0] and r == BT.shape[1] and A.is_contiguous() and BT.is_contiguous()
-            and x.shape == (n, d_in) and out.shape == (n, d_out) and x.stride(1) == 1 and out.stride(1) == 1
-            and x.device.type == out.device.type == A.device.type == "cpu"
-        ):
-            raise ValueError(
-                f"add_lora_ shapes do not agree: out {tuple(out.shape)}, x {tuple(x.shape)}, "
-                f"A {tuple(A.shape)}, BT {tuple(BT.shape)}, plan for {n} tokens up to slot {plan.max_slot}"
-            )
-        threads = torch.get_num_threads() if n * r * (d_in + d_out) >= self.parallel_work else 1
-        self._args[:] = (
-            out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), BT.data_ptr(),
-            plan.token_slots.data_ptr(), n, d_in, d_out, r, r, threads,
+        self._fn(mod_ptr, self._step_ptr, out.data_ptr(), out_stride, x.data_ptr(), x_stride)
+
+    def _start_plan(self, plan: StepPlan) -> None:
+        self._plan = plan
+        n = plan.num_tokens
+        self._native_plan = (
+            plan.mode in ("single", "grouped")
+            and plan.token_slots is not None
+            and plan.token_slots.is_cpu
+            and n <= self.max_tokens
+            and not (plan.mode == "single" and n > self.max_single_tokens)
         )
-        self._fn(self._args_ptr)
+        if self._native_plan:
+            self._step[:] = (plan.token_slots.data_ptr(), n, torch.get_num_threads(), self.parallel_work)
+
+    def _module(self, A, BT, plan: StepPlan):
+        """The cached C arguments of one slot buffer pair, or None when the native
+        loop does not take them (another dtype or device: the torch ops do)."""
+        if not (A.dtype is BT.dtype is torch.float32 and A.is_cpu and BT.is_cpu):
+            return None
+        if not (A.dim() == BT.dim() == 3 and BT.shape[:2] == A.shape[:2]):
+            raise self._disagree(None, None, A, BT, plan)
+        s, r, d_in = A.shape
+        if not (A.is_contiguous() and BT.is_contiguous()):
+            return None
+        if len(self._modules) > 4096:  # stale views after re-strides; refilled on demand
+            self._modules.clear()
+        d_out = BT.shape[2]
+        args = np.array([A.data_ptr(), BT.data_ptr(), s, r, d_in, d_out], dtype=np.int64)
+        entry = (A, BT, args.ctypes.data, s, d_in, d_out, args)  # args: kept alive with its pointer
+        self._modules[id(A)] = entry
+        return entry
+
+    @staticmethod
+    def _disagree(out, x, A, BT, plan: StepPlan) -> ValueError:
+        shape = lambda t: "?" if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch."))  # noqa: E731
+        return ValueError(
+            f"add_lora_ arguments do not agree: out {shape(out)}, x {shape(x)}, A {shape(A)}, "
+            f"BT {shape(BT)}, plan for {plan.num_tokens} tokens at rank {plan.rank} up to slot {plan.max_slot}"
+        )
+
+
+def _row_stride(t: torch.Tensor) -> int | None:
+    """Distance between consecutive rows when t's rows are evenly spaced with unit
+    column stride (contiguous, or a 2-D row view); None otherwise."""
+    if t.is_contiguous():
+        return t.shape[-1]
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t.stride(0)
+    return None
 
 
 def select_backend(device: torch.device) -> LoraBackend:

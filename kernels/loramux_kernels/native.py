@@ -28,11 +28,15 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+if platform.machine() in ("x86_64", "AMD64"):
+    # GCC keeps 256-bit vectors on AVX-512 parts unless told; the kernels' loops
+    # are long, unit-stride and memory-bound, where full width measures faster.
+    FLAGS.append("-mprefer-vector-width=512")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # name → argtypes of every exported function
 SIGNATURES = {
     "lmx_lora_add_f32": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64],
-    "lmx_lora_add_f32_packed": [_PTR],
+    "lmx_lora_add_f32_step": [_PTR, _PTR, _PTR, _I64, _PTR, _I64],
     "lmx_kth_largest_abs_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "lmx_ties_merge_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
 }

@@ -140,6 +140,47 @@ def test_native_kernel_on_strided_rows_and_real_module_sizes(rank):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_take_rows_unflattened(backend):
+    """A layer's [B, T, d] input and output, contiguous or not, hold the N rows
+    row-major: the same result as the flattened call."""
+    A, BT = _buffers(3)
+    slots = torch.tensor([0, NO_SLOT, 4, 4, 1, 0])  # B=2 rows of T=3 tokens
+    x = torch.randn(2, 3, D_IN)
+    base = torch.randn(2, 3, D_OUT)
+    want = base.clone().view(6, D_OUT)
+    add_lora_reference(want, x.reshape(6, D_IN), A, BT, slots)
+    impl = BACKENDS[backend]()
+    got = base.clone()
+    impl.add_lora_(got, x, A, BT, plan_step(slots, R, torch.float32))
+    torch.testing.assert_close(got.view(6, D_OUT), want, rtol=1e-5, atol=1e-5)
+    wide = torch.randn(2, 3, D_IN + 5)
+    wide[..., :D_IN] = x  # rows not evenly spaced once flattened: the torch ops take it
+    got = base.clone()
+    impl.add_lora_(got, wide[..., :D_IN], A, BT, plan_step(slots, R, torch.float32))
+    torch.testing.assert_close(got.view(6, D_OUT), want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_follows_buffers_re_viewed_at_another_rank():
+    """The backend caches each slot buffer's C arguments; a re-strided buffer
+    (new views of the same storage, as ModuleSlots.set_stride makes) must not be
+    read through the old ones."""
+    backend = _native()
+    store_a, store_bt = torch.zeros(S * 16 * D_IN), torch.zeros(S * 16 * D_OUT)
+    slots = torch.tensor([2, 5, NO_SLOT])
+    x = torch.randn(3, D_IN)
+    for rank in (4, 16, 8):
+        A = store_a[: S * rank * D_IN].view(S, rank, D_IN)
+        BT = store_bt[: S * rank * D_OUT].view(S, rank, D_OUT)
+        A.copy_(torch.randn(S, rank, D_IN))
+        BT.copy_(torch.randn(S, rank, D_OUT))
+        want = torch.zeros(3, D_OUT)
+        add_lora_reference(want, x, A, BT, slots)
+        got = torch.zeros(3, D_OUT)
+        backend.add_lora_(got, x, A, BT, plan_step(slots, rank, torch.float32))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_native_kernel_refuses_arguments_that_disagree():
     backend = _native()
     A, BT = _buffers()

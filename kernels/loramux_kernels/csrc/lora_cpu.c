@@ -7,31 +7,64 @@
  * `x_stride` / `out_stride` floats apart. Accumulation is float32 throughout.
  *
  * One call replaces the gather + bmm + bmm + add that torch needs per layer: at
- * decode sizes those ops cost more in dispatch than in arithmetic, and this loop
- * reads each slot's weights once per token from memory or cache.
+ * decode sizes those ops cost more in dispatch than in arithmetic. At decode the
+ * adapter weights arrive cold (the base weights streamed through the caches since
+ * the last step), so the loops are laid out for memory streams: each token reads
+ * its slot's A and BT front to back, four rows at a time (four independent FMA
+ * chains, four prefetch streams), and with fewer than two tokens per thread a token's
+ * rank rows and output columns are split so every core pulls its share of bytes.
  */
 #include <stdint.h>
 
-#define EXPAND_BLOCK 256  /* output columns per work item in the expand */
+#define ROWS 4 /* rows of A / BT read together */
 
-static void shrink_one(const float *restrict xt, const float *restrict a, int64_t d_in, float *restrict dst)
+/* sh[r] = x_t . a[r] for r in [r0, r1); a is [*, d_in]. */
+static void shrink_rows(const float *restrict xt, const float *restrict a, int64_t d_in,
+                        int64_t r0, int64_t r1, float *restrict sh)
 {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < d_in; j++)
-        acc += xt[j] * a[j];
-    *dst = acc;
+    int64_t r = r0;
+    for (; r + ROWS <= r1; r += ROWS) {
+        const float *restrict a0 = a + r * d_in, *restrict a1 = a0 + d_in;
+        const float *restrict a2 = a1 + d_in, *restrict a3 = a2 + d_in;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t j = 0; j < d_in; j++) {
+            s0 += xt[j] * a0[j];
+            s1 += xt[j] * a1[j];
+            s2 += xt[j] * a2[j];
+            s3 += xt[j] * a3[j];
+        }
+        sh[r] = s0, sh[r + 1] = s1, sh[r + 2] = s2, sh[r + 3] = s3;
+    }
+    for (; r < r1; r++) {
+        const float *restrict ar = a + r * d_in;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < d_in; j++)
+            s += xt[j] * ar[j];
+        sh[r] = s;
+    }
 }
 
-static void expand_block(float *restrict ot, const float *restrict bt, const float *restrict sh,
-                         int64_t rank, int64_t d_out, int64_t c0, int64_t c1)
+/* ot[c] += sum_r sh[r] * bt[r, c] for c in [c0, c1); bt is [*, d_out]. */
+static void expand_cols(float *restrict ot, const float *restrict bt, const float *restrict sh,
+                        int64_t rank, int64_t d_out, int64_t c0, int64_t c1)
 {
-    for (int64_t r = 0; r < rank; r++) {
-        const float w = sh[r];
-        const float *restrict row = bt + r * d_out;
+    int64_t r = 0;
+    for (; r + ROWS <= rank; r += ROWS) {
+        const float w0 = sh[r], w1 = sh[r + 1], w2 = sh[r + 2], w3 = sh[r + 3];
+        const float *restrict b0 = bt + r * d_out, *restrict b1 = b0 + d_out;
+        const float *restrict b2 = b1 + d_out, *restrict b3 = b2 + d_out;
 #pragma omp simd
         for (int64_t c = c0; c < c1; c++)
-            ot[c] += w * row[c];
+            ot[c] += w0 * b0[c] + w1 * b1[c] + w2 * b2[c] + w3 * b3[c];
+    }
+    for (; r < rank; r++) {
+        const float w = sh[r];
+        const float *restrict br = bt + r * d_out;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; c++)
+            ot[c] += w * br[c];
     }
 }
 
@@ -39,35 +72,58 @@ void lmx_lora_add_f32(float *out, int64_t out_stride, const float *x, int64_t x_
                       const float *A, const float *BT, const int64_t *slots, int64_t n,
                       int64_t d_in, int64_t d_out, int64_t R, int64_t rank, int64_t threads)
 {
-    float shrunk[n * rank > 0 ? n * rank : 1];
-    const int64_t blocks = (d_out + EXPAND_BLOCK - 1) / EXPAND_BLOCK;
+    if (n <= 0 || rank <= 0)
+        return;
+    float shrunk[n * rank];
+    /* Each token is cut into `split` pieces (rank rows in the shrink, output
+     * columns in the expand) so there are at least two pieces per thread. */
+    const int64_t split = threads > 1 && n < 2 * threads ? (2 * threads + n - 1) / n : 1;
+    const int64_t cols = ((d_out + split - 1) / split + 15) / 16 * 16; /* 64-byte aligned pieces */
+    if (split == 1) { /* whole tokens per thread: shrink then expand, no barrier between */
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (int64_t t = 0; t < n; t++) {
+            const int64_t s = slots[t];
+            if (s < 0)
+                continue;
+            shrink_rows(x + t * x_stride, A + s * R * d_in, d_in, 0, rank, shrunk + t * rank);
+            expand_cols(out + t * out_stride, BT + s * R * d_out, shrunk + t * rank, rank, d_out, 0, d_out);
+        }
+        return;
+    }
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n * rank; i++) {
-            const int64_t t = i / rank, r = i % rank, s = slots[t];
-            if (s < 0)
-                shrunk[i] = 0.0f;
-            else
-                shrink_one(x + t * x_stride, A + (s * R + r) * d_in, d_in, shrunk + i);
+        for (int64_t i = 0; i < n * split; i++) {
+            const int64_t t = i / split, p = i % split, s = slots[t];
+            const int64_t r0 = rank * p / split, r1 = rank * (p + 1) / split;
+            if (s < 0) {
+                for (int64_t r = r0; r < r1; r++)
+                    shrunk[t * rank + r] = 0.0f;
+            } else {
+                shrink_rows(x + t * x_stride, A + s * R * d_in, d_in, r0, r1, shrunk + t * rank);
+            }
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n * blocks; i++) {
-            const int64_t t = i / blocks, b = i % blocks, s = slots[t];
-            if (s < 0)
-                continue;
-            const int64_t c0 = b * EXPAND_BLOCK;
-            const int64_t c1 = c0 + EXPAND_BLOCK < d_out ? c0 + EXPAND_BLOCK : d_out;
-            expand_block(out + t * out_stride, BT + s * R * d_out, shrunk + t * rank, rank, d_out, c0, c1);
+        for (int64_t i = 0; i < n * split; i++) {
+            const int64_t t = i / split, p = i % split, s = slots[t];
+            const int64_t c0 = p * cols, c1 = c0 + cols < d_out ? c0 + cols : d_out;
+            if (s >= 0 && c0 < c1)
+                expand_cols(out + t * out_stride, BT + s * R * d_out, shrunk + t * rank, rank, d_out, c0, c1);
         }
     }
 }
 
-/* lmx_lora_add_f32 with its 13 arguments in one int64 array, in the same order
- * (pointers as integers): one argument is far cheaper to pass through ctypes. */
-void lmx_lora_add_f32_packed(const int64_t *a)
+/* The decode hot path: what is fixed per module and per step comes in two int64
+ * arrays the caller fills once, so a layer's call passes only its rows.
+ *   module: {A, BT, S, R, d_in, d_out}        (pointers as integers)
+ *   step:   {slots, n, threads, parallel_work}
+ * More threads than one only when n * R * (d_in + d_out) >= parallel_work. */
+void lmx_lora_add_f32_step(const int64_t *module, const int64_t *step, float *out, int64_t out_stride,
+                           const float *x, int64_t x_stride)
 {
-    lmx_lora_add_f32((float *)(intptr_t)a[0], a[1], (const float *)(intptr_t)a[2], a[3],
-                     (const float *)(intptr_t)a[4], (const float *)(intptr_t)a[5],
-                     (const int64_t *)(intptr_t)a[6], a[7], a[8], a[9], a[10], a[11], a[12]);
+    const int64_t n = step[1], R = module[3], d_in = module[4], d_out = module[5];
+    const int64_t threads = n * R * (d_in + d_out) >= step[3] ? step[2] : 1;
+    lmx_lora_add_f32(out, out_stride, x, x_stride, (const float *)(intptr_t)module[0],
+                     (const float *)(intptr_t)module[1], (const int64_t *)(intptr_t)step[0], n, d_in,
+                     d_out, R, R, threads);
 }

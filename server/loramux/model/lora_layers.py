@@ -48,16 +48,15 @@ class LoraLinear(nn.Module):
         if plan is None or plan.mode == "none":
             return out
         slots = self.slots
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != slots.A.dtype:
-            x2 = x2.to(slots.A.dtype)
-        out2 = out.view(-1, self.out_features)  # [N, d_out]
-        if out2.dtype == slots.A.dtype:
-            self.ctx.backend.add_lora_(out2, x2, slots.A, slots.BT, plan)
+        A = slots.A
+        if x.dtype is A.dtype and out.dtype is A.dtype:
+            # [B, T, d] as they are: the backend takes rows unflattened (no reshape
+            # per layer on the decode hot path).
+            self.ctx.backend.add_lora_(out, x, A, slots.BT, plan)
         else:
-            delta = torch.zeros(out2.shape, dtype=slots.A.dtype, device=out2.device)
-            self.ctx.backend.add_lora_(delta, x2, slots.A, slots.BT, plan)
-            out2 += delta.to(out2.dtype)
+            delta = torch.zeros(out.shape, dtype=A.dtype, device=out.device)
+            self.ctx.backend.add_lora_(delta, x.to(A.dtype), A, slots.BT, plan)
+            out += delta.to(out.dtype)
         return out
 
 
