@@ -73,69 +73,79 @@ def plan_step(
     Up to `small_max_tokens` tokens on several slots are always grouped; more are
     grouped while the padded block has at most `max_padding` × N positions, and
     segmented beyond.
+
+    Runs once per step on the host: the routing is worked out on a Python list
+    (a decode step has a few tokens, where each small torch op would cost more
+    than the whole loop) and turned into tensors once at the end.
     """
     n = token_slots.numel()
-    used = torch.unique(token_slots[token_slots != NO_SLOT]).tolist()
-    if not used:
+    slots = token_slots.tolist()
+    members: dict[int, list[int]] = {}  # slot -> its tokens, in token order
+    for i, s in enumerate(slots):
+        if s != NO_SLOT:
+            members.setdefault(s, []).append(i)
+    if not members:
         return StepPlan("none", n, rank)
+    used = sorted(members)
+    device = token_slots.device
     routing = {"token_slots": token_slots.contiguous(), "max_slot": used[-1]}
     if len(used) == 1:
         slot = used[0]
-        has = token_slots == slot
-        mask = None if bool(has.all()) else has.to(dtype).unsqueeze(1)  # [N, 1]
+        mask = None
+        if len(members[slot]) < n:
+            mask = torch.tensor([float(s == slot) for s in slots], dtype=dtype, device=device).unsqueeze(1)
         return StepPlan("single", n, rank, slot=slot, token_mask=mask, **routing)
     if n > small_max_tokens:
         # A prefill: one bmm over a padded [k, m] block beats k small GEMMs unless the
         # padding is large (one adapter with many more tokens than the others).
-        counts = torch.bincount(token_slots[token_slots != NO_SLOT])[used]
-        if len(used) * int(counts.max()) > max_padding * n:
-            return _segment_plan(token_slots, used, n, rank)
-    return _grouped_plan(token_slots, used, n, rank, dtype, routing)
+        if len(used) * max(len(t) for t in members.values()) > max_padding * n:
+            return _segment_plan(members, used, n, rank, device)
+    return _grouped_plan(members, used, n, rank, dtype, device, routing)
 
 
-def _segment_plan(token_slots, used: list[int], n: int, rank: int) -> StepPlan:
-    members = [(token_slots == s).nonzero().squeeze(1) for s in used]  # token indices per slot
-    token_of_block = torch.cat(members)  # [n_a]: tokens with an adapter, in slot order
-    n_a = token_of_block.numel()
+def _segment_plan(members: dict[int, list[int]], used: list[int], n: int, rank: int, device) -> StepPlan:
+    token_of_block = [i for s in used for i in members[s]]  # tokens with an adapter, in slot order
+    n_a = len(token_of_block)
     groups, start = [], 0
-    for s, idx in zip(used, members):
-        groups.append((s, start, start + idx.numel()))
-        start += idx.numel()
-    block_of_token = torch.full((n,), n_a, dtype=torch.long, device=token_slots.device)  # n_a: the zero row
-    block_of_token[token_of_block] = torch.arange(n_a, device=token_slots.device)
-    in_order = n_a == n and bool((token_of_block == torch.arange(n, device=token_slots.device)).all())
+    for s in used:
+        groups.append((s, start, start + len(members[s])))
+        start += len(members[s])
+    block_of_token = [n_a] * n  # n_a: the zero row past the block
+    for p, i in enumerate(token_of_block):
+        block_of_token[i] = p
     return StepPlan(
-        "segment", n, rank, groups=groups, token_of_block=token_of_block,
-        block_of_token=block_of_token, in_token_order=in_order,
+        "segment", n, rank, groups=groups,
+        token_of_block=torch.tensor(token_of_block, dtype=torch.long, device=device),
+        block_of_token=torch.tensor(block_of_token, dtype=torch.long, device=device),
+        in_token_order=token_of_block == list(range(n)),
     )
 
 
-def _grouped_plan(token_slots, used: list[int], n: int, rank: int, dtype, routing: dict) -> StepPlan:
-    members = [(token_slots == s).nonzero().squeeze(1).tolist() for s in used]
-    k, m = len(used), max(len(t) for t in members)
-    token_of_block = torch.zeros(k * m, dtype=torch.long)
-    real = torch.zeros(k * m, dtype=dtype)
-    block_of_token = torch.full((n,), -1, dtype=torch.long)
-    for i, toks in enumerate(members):
-        token_of_block[i * m : i * m + len(toks)] = torch.tensor(toks)
-        block_of_token[toks] = torch.arange(i * m, i * m + len(toks))
-        real[i * m : i * m + len(toks)] = 1
-    padding = (real == 0).nonzero().squeeze(1)
-    without = block_of_token < 0  # tokens whose row uses no adapter
-    if bool(without.any()):
-        block_of_token = block_of_token.masked_fill(without, int(padding[0])) if padding.numel() else None
-    in_order = k * m == n and bool((token_of_block == torch.arange(n)).all())
-    device = token_slots.device
+def _grouped_plan(members, used: list[int], n: int, rank: int, dtype, device, routing: dict) -> StepPlan:
+    k, m = len(used), max(len(t) for t in members.values())
+    token_of_block = [0] * (k * m)
+    real = [0.0] * (k * m)
+    block_of_token = [-1] * n
+    for i, s in enumerate(used):
+        for j, tok in enumerate(members[s]):
+            token_of_block[i * m + j] = tok
+            block_of_token[tok] = i * m + j
+            real[i * m + j] = 1.0
+    padded = [p for p, r in enumerate(real) if not r]
+    if any(b < 0 for b in block_of_token):  # tokens whose row uses no adapter
+        # They read a padding row (a zero delta); with no padding, deltas are scatter-added.
+        block_of_token = [padded[0] if b < 0 else b for b in block_of_token] if padded else None
+    long = dict(dtype=torch.long, device=device)
     return StepPlan(
         "grouped",
         n,
         rank,
-        used_slots=torch.tensor(used, device=device),
+        used_slots=torch.tensor(used, **long),
         slot_prefix=used == list(range(k)),
         block_shape=(k, m),
-        token_of_block=token_of_block.to(device),
-        block_mask=None if bool(real.all()) else real.view(k, m, 1).to(device),
-        block_of_token=None if block_of_token is None else block_of_token.to(device),
-        in_token_order=in_order,
+        token_of_block=torch.tensor(token_of_block, **long),
+        block_mask=None if not padded else torch.tensor(real, dtype=dtype, device=device).view(k, m, 1),
+        block_of_token=None if block_of_token is None else torch.tensor(block_of_token, **long),
+        in_token_order=token_of_block == list(range(n)),
         **routing,
     )

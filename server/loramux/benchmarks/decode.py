@@ -5,16 +5,15 @@
 Default model, float32, random rank-16 adapters on all seven projections. Prints
 median decode tokens/s (and ms per step) for: base; one adapter unmerged; 8 rows
 with 8 different adapters vs the base with 8 rows, through loramux and through
-PEFT (single active adapter; `adapter_names` mixed batch). Each workload has
-its own model copy; they take turns, `--block` decode steps at a time, so machine
-noise hits them alike; figures are medians over rounds of per-step medians.
+PEFT (single active adapter; `adapter_names` mixed batch).
 
-With the default `--block 8` a workload runs as a server does, step after step
-on one model, and the first step of each turn (caches still holding another
-workload's weights) is not timed. `--block 1` interleaves single steps: every
-step then starts with caches full of another model copy's weights, a colder and
-harsher setting than serving (both are worth knowing; the goals are stated for
-the first).
+Workloads are interleaved step by step so machine noise hits them alike; figures
+are medians over rounds of per-step medians. The loramux workloads run on twin
+engines over one model (one copy of the weights, one slot pool, as in a server:
+base and adapter rows read the same memory); HF base and PEFT each have their
+model. `--copies` gives every loramux workload its own model copy instead: each
+step then starts with the caches full of another copy's weights, a colder and
+harsher setting than serving.
 """
 
 from __future__ import annotations
@@ -109,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--block", type=int, default=8,
-                    help="decode steps per turn of a workload (the first is untimed when > 1)")
+    ap.add_argument("--copies", action="store_true",
+                    help="one model copy per loramux workload instead of twin engines over one")
     ap.add_argument("--model-cache", type=Path, default=Path.home() / ".cache" / "loramux")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -120,19 +119,26 @@ def main(argv: list[str] | None = None) -> None:
 
     from loramux.app import build_engine
     from loramux.config import AdapterConfig, EngineConfig, ModelConfig, SlotConfig
+    from loramux.engine.engine import Engine
     from loramux.model.loader import ensure_default_model
 
     base_dir = ensure_default_model(args.model_cache)
     root = Path(tempfile.mkdtemp(prefix="loramux-bench-"))
     names = make_adapters(base_dir, root, args.rows, args.rank)
+    first = build_engine(EngineConfig(
+        model=ModelConfig(cache_dir=args.model_cache, device="cpu", dtype="float32", quantization="none"),
+        adapters=AdapterConfig(roots=[root], max_rank=args.rank),
+        slots=SlotConfig(num_slots=args.rows),
+        max_batch_rows=args.rows,
+    ))
+
     def engine():
-        return build_engine(EngineConfig(
-            model=ModelConfig(cache_dir=args.model_cache, device="cpu", dtype="float32",
-                              quantization="none"),
-            adapters=AdapterConfig(roots=[root], max_rank=args.rank),
-            slots=SlotConfig(num_slots=args.rows),
-            max_batch_rows=args.rows,
-        ))
+        if args.copies:
+            return build_engine(first.config)
+        # Same model, store, slot pool and LoRA context; its own rows and KV cache.
+        # Steps run one at a time on this thread, and the 8 slots hold all 8
+        # adapters, so the twins never contend for a slot.
+        return Engine(first.loaded, first.store, first.pool, first.ctx, first.config, first.merges, first.pinner)
 
     def hf():
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -143,9 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     peft.set_adapter(names[0])
     plain = hf()
     n, t = args.rows, args.tokens
-    first = engine()
     tok = first.tokenizer
-    # Each workload keeps its own engine (own model copy) so steps interleave.
+    # Each workload keeps its own engine (own rows and cache) so steps interleave.
     workloads = {
         "loramux base, 1 row": EngineWorkload(first, [None], t),
         "loramux 1 adapter, 1 row": EngineWorkload(engine(), [names[0]], t),
@@ -159,22 +164,20 @@ def main(argv: list[str] | None = None) -> None:
     for w in workloads.values():  # warm-up: caches, slots, allocator
         for _ in range(3):
             w.step()
-    # Round-robin by turns; a round's figure is the median of its timed steps.
+    # Round-robin one step at a time; a round's figure is the median of its steps.
     samples: dict[str, list[float]] = {k: [] for k in workloads}
-    turns = max(1, t // args.block)
     for _ in range(args.rounds):
         steps: dict[str, list[float]] = {k: [] for k in workloads}
-        for _ in range(turns):
+        for _ in range(t):
             for k, w in workloads.items():
-                if args.block > 1:
-                    w.step()  # the turn's first step: caches still hold the last workload's weights
-                steps[k].extend(w.step() for _ in range(max(1, args.block - 1)))
+                steps[k].append(w.step())
         for k, v in steps.items():
             samples[k].append(statistics.median(v) * 1e3)
     ms = {k: statistics.median(v) for k, v in samples.items()}
 
     print(f"\ndecode, default model float32 CPU, rank-{args.rank} adapters on 7 projections, "
-          f"{t} tokens, median of {args.rounds} rounds, turns of {args.block} steps "
+          f"{t} tokens, median of {args.rounds} rounds, "
+          f"{'a model copy per workload' if args.copies else 'loramux workloads on one model'} "
           f"(threads={torch.get_num_threads()})")
     print(f"{'workload':34s} {'ms/step':>8s} {'tok/s':>8s}")
     for k, v in ms.items():
