@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loramux import hugepages
 from loramux.adapters.types import LoraModule
 from loramux.errors import InvalidArgument, ResourceExhausted
 from loramux.model.spec import BaseModelSpec
@@ -32,11 +33,16 @@ class ModuleSlots:
         BT: [S, R, d_out]  (scale · lora_B).T of each slot, zero-padded
     """
 
-    def __init__(self, d_in: int, d_out: int, num_slots: int, max_rank: int, device, dtype):
+    def __init__(self, d_in: int, d_out: int, num_slots: int, max_rank: int, store: torch.Tensor):
+        """store: a zeroed flat buffer of `numel(...)` elements (part of the pool's)."""
         self.d_in, self.d_out, self.num_slots = d_in, d_out, num_slots
-        self._a_store = torch.zeros(num_slots * max_rank * d_in, device=device, dtype=dtype)
-        self._bt_store = torch.zeros(num_slots * max_rank * d_out, device=device, dtype=dtype)
+        split = num_slots * max_rank * d_in
+        self._a_store, self._bt_store = store[:split], store[split:]
         self.set_stride(1)
+
+    @staticmethod
+    def numel(d_in: int, d_out: int, num_slots: int, max_rank: int) -> int:
+        return num_slots * max_rank * (d_in + d_out)
 
     def set_stride(self, rank: int) -> None:
         self.rank = rank
@@ -78,10 +84,15 @@ class SlotPool:
     def __init__(self, spec: BaseModelSpec, num_slots: int, max_rank: int, device, dtype):
         self.num_slots, self.max_rank = num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
-        self.modules = {
-            name: ModuleSlots(t.d_in, t.d_out, num_slots, max_rank, device, dtype)
-            for name, t in spec.targets.items()
-        }
+        # One buffer for every module's slots, on huge pages where the host allows:
+        # a decode step reads the slots of every layer, cold (see loramux.hugepages).
+        sizes = {name: ModuleSlots.numel(t.d_in, t.d_out, num_slots, max_rank) for name, t in spec.targets.items()}
+        arena = hugepages.empty(sum(sizes.values()), dtype, device).zero_()
+        self.modules, offset = {}, 0
+        for name, t in spec.targets.items():
+            store = arena[offset : offset + sizes[name]]
+            self.modules[name] = ModuleSlots(t.d_in, t.d_out, num_slots, max_rank, store)
+            offset += sizes[name]
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
         self._rank_of: dict[str, int] = {}
         self._free = list(range(num_slots))
