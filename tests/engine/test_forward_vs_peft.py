@@ -115,11 +115,13 @@ def test_other_families_match_peft(family, tmp_path):
             torch.testing.assert_close(got[1], ref(input_ids=ids).logits[0], rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_engine_tracks_float32(tiny_llama_dir, adapter_root):
-    """bfloat16 compute (the CUDA default) stays within bf16 rounding of float32."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engine_tracks_float32(tiny_llama_dir, adapter_root, dtype):
+    """bfloat16 compute (the CUDA default) and float16 stay within their rounding
+    of float32, adapter rows included (the slots hold the model's dtype)."""
     reqs = lambda: [GenerationRequest(prompt=p, adapter=a) for p, a in zip(PROMPTS, ROW_ADAPTERS)]
     f32 = _engine(tiny_llama_dir, adapter_root).prompt_logits(reqs())
-    bf16_engine = _engine(tiny_llama_dir, adapter_root, dtype="bfloat16")
-    assert bf16_engine.pool.dtype == torch.bfloat16
-    for a, b in zip(f32, bf16_engine.prompt_logits(reqs())):
-        assert (a - b).abs().max() < 0.05 * a.abs().max()
+    half_engine = _engine(tiny_llama_dir, adapter_root, dtype=dtype)
+    assert half_engine.pool.dtype == getattr(torch, dtype)
+    for a, b in zip(f32, half_engine.prompt_logits(reqs())):
+        assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
