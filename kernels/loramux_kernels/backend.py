@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch.nn.functional as F
 import torch
 
 from loramux_kernels import native
 from loramux_kernels.plan import StepPlan
+
+log = logging.getLogger(__name__)
 
 
 class LoraBackend(Protocol):
@@ -23,6 +29,11 @@ class LoraBackend(Protocol):
         out and x may also come unflattened, [..., d_out] and [..., d_in] holding
         the N rows row-major (a layer's [B, T, d]): no reshape on the hot path."""
 
+    def linear(self, x, weight, bias, A, BT, plan: StepPlan | None) -> torch.Tensor | None:
+        """Semantics: out = F.linear(x, weight, bias), then, unless plan is None or
+        "none", add_lora_(out, x, A, BT, plan); return out. None when the backend
+        has no fused path for these arguments: the caller runs the two ops."""
+
 
 class TorchBackend:
     """Plain torch ops; runs on any device, and serves prefills on CPU (behind
@@ -30,6 +41,9 @@ class TorchBackend:
     adapter mix, and each used adapter's weights are read once."""
 
     name = "torch"
+
+    def linear(self, x, weight, bias, A, BT, plan) -> None:
+        return None  # F.linear and add_lora_ are this backend's ops already
 
     def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
         if plan.mode == "none":
@@ -102,6 +116,59 @@ class NativeCpuBackend:
         self._step = np.zeros(4, dtype=np.int64)  # one engine thread runs forwards
         self._step_ptr = self._step.ctypes.data
         self._native_plan = False
+        self._linear_fn = _fused_linear(lib)
+        self._linear = np.zeros(10, dtype=np.int64)
+        self._linear_ptr = self._linear.ctypes.data
+        self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, data_ptr, d_out, d_in), checked
+
+    def linear(self, x, weight, bias, A, BT, plan: StepPlan | None) -> torch.Tensor | None:
+        fn = self._linear_fn
+        if fn is None or torch.is_grad_enabled():
+            return None  # autograd needs torch's own ops
+        w = self._weights.get(id(weight))
+        if w is None or w[0] is not weight or w[1] != weight.data_ptr():  # pinning swaps weight.data
+            w = self._weight(weight)
+            if w is None:
+                return None
+        _, w_ptr, d_out, d_in = w
+        if x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != d_in:
+            return None
+        x_stride = _row_stride(x)
+        if x_stride is None:
+            return None
+        b_ptr = 0
+        if bias is not None:
+            if bias.dtype is not torch.float32 or not bias.is_cpu or bias.shape != (d_out,) or bias.stride(0) != 1:
+                return None
+            b_ptr = bias.data_ptr()
+        n = x.numel() // d_in
+        mod_ptr = 0
+        if plan is not None and plan.mode != "none":
+            if plan is not self._plan:
+                self._start_plan(plan)
+            if not self._native_plan:
+                return None
+            entry = self._modules.get(id(A))
+            if entry is None or entry[0] is not A or entry[1] is not BT:
+                entry = self._module(A, BT, plan)
+                if entry is None:
+                    return None
+            _, _, mod_ptr, s, a_in, a_out, _ = entry
+            if n != plan.num_tokens or a_in != d_in or a_out != d_out or plan.max_slot >= s:
+                raise self._disagree(None, x, A, BT, plan)
+        out = x.new_empty((*x.shape[:-1], d_out))
+        self._linear[:] = (x.data_ptr(), x_stride, n, d_in, d_out, w_ptr, b_ptr, out.data_ptr(), d_out, mod_ptr)
+        fn(self._step_ptr, self._linear_ptr)
+        return out
+
+    def _weight(self, weight):
+        if not (weight.dtype is torch.float32 and weight.is_cpu and weight.dim() == 2 and weight.is_contiguous()):
+            return None
+        if len(self._weights) > 4096:
+            self._weights.clear()
+        entry = (weight, weight.data_ptr(), *weight.shape)
+        self._weights[id(weight)] = entry
+        return entry
 
     def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
         if plan is not self._plan:
@@ -177,6 +244,30 @@ def _row_stride(t: torch.Tensor) -> int | None:
     if t.dim() == 2 and t.stride(1) == 1:
         return t.stride(0)
     return None
+
+
+def _fused_linear(lib):
+    """lib's whole-linear entry bound to the sgemm inside torch's own CPU library
+    (what F.linear calls), or None where that symbol is not exported or does not
+    reproduce F.linear on a check (another BLAS, another integer width)."""
+    try:
+        torch_cpu = next((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*"))
+        sgemm = ctypes.cast(ctypes.CDLL(str(torch_cpu)).sgemm_, ctypes.c_void_p).value
+    except (StopIteration, OSError, AttributeError):
+        return None
+    lib.lmx_set_sgemm(sgemm)
+    fn = lib.lmx_linear_lora_f32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 41, generator=g)[:, :37]  # a row stride, odd sizes
+    w, b = torch.randn(29, 37, generator=g), torch.randn(29, generator=g)
+    out = torch.empty(3, 29)
+    step = np.zeros(4, dtype=np.int64)
+    args = np.array([x.data_ptr(), 41, 3, 37, 29, w.data_ptr(), b.data_ptr(), out.data_ptr(), 29, 0], dtype=np.int64)
+    fn(step.ctypes.data, args.ctypes.data)
+    if not torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5):
+        log.warning("torch's sgemm does not reproduce F.linear here; LoRA layers call F.linear")
+        return None
+    return fn
 
 
 def select_backend(device: torch.device) -> LoraBackend:

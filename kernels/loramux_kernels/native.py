@@ -37,6 +37,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     "lmx_lora_add_f32": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64],
     "lmx_lora_add_f32_step": [_PTR, _PTR, _PTR, _I64, _PTR, _I64],
+    "lmx_set_sgemm": [_PTR],
+    "lmx_linear_lora_f32": [_PTR, _PTR],
     "lmx_kth_largest_abs_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "lmx_ties_merge_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
 }

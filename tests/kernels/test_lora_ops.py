@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loramux_kernels import (
     NO_SLOT,
@@ -179,6 +180,59 @@ def test_native_kernel_follows_buffers_re_viewed_at_another_rank():
         got = torch.zeros(3, D_OUT)
         backend.add_lora_(got, x, A, BT, plan_step(slots, rank, torch.float32))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _fused():
+    backend = _native()
+    if backend._linear_fn is None:
+        pytest.skip("torch's CPU library exports no usable sgemm here")
+    return backend
+
+
+FUSED_CASES = {"none": CASES["none"], "single": [NO_SLOT, 3, 3, NO_SLOT], "mixed": CASES["mixed"],
+               "shuffled": CASES["one_per_slot_shuffled"]}
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_linear_is_f_linear_plus_the_deltas(case, with_bias):
+    """One call for a whole layer: the base output bit for bit as F.linear (the
+    same sgemm), plus the reference deltas; rows as [B, T, d] or a strided view."""
+    backend = _fused()
+    slots = torch.tensor(FUSED_CASES[case])
+    n = len(slots)
+    A, BT = _buffers(4)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(D_OUT, D_IN, generator=g)
+    b = torch.randn(D_OUT, generator=g) if with_bias else None
+    x = torch.randn(n, D_IN + 3, generator=g)[:, 2 : 2 + D_IN]
+    plan = plan_step(slots, R, torch.float32)
+    with torch.inference_mode():
+        got = backend.linear(x, w, b, A, BT, plan)
+        base = backend.linear(x.contiguous().unsqueeze(0), w, b, A, BT, None)
+        assert got is not None and base is not None and base.shape == (1, n, D_OUT)
+        assert torch.equal(base[0], F.linear(x, w, b))
+        want = F.linear(x, w, b)
+        add_lora_reference(want, x, A, BT, slots)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_follows_swapped_weights_and_leaves_autograd_to_torch():
+    backend = _fused()
+    A, BT = _buffers()
+    w = torch.nn.Parameter(torch.randn(D_OUT, D_IN))
+    x = torch.randn(2, D_IN)
+    with torch.inference_mode():
+        assert torch.equal(backend.linear(x, w, None, A, BT, None), F.linear(x, w))
+        w.data = torch.randn(D_OUT, D_IN)  # what pinning does: same Parameter, new storage
+        assert torch.equal(backend.linear(x, w, None, A, BT, None), F.linear(x, w))
+        assert backend.linear(x.double(), w.double(), None, A, BT, None) is None  # not float32: torch's ops
+        plan = plan_step(torch.tensor([0, 1, 2]), R, torch.float32)  # 3 tokens, 2 rows
+        with pytest.raises(ValueError, match="do not agree"):
+            backend.linear(x, w, None, A, BT, plan)
+        prefill = plan_step(torch.tensor([1] * 6), R, torch.float32)  # many tokens on one adapter: GEMMs
+        assert backend.linear(torch.randn(6, D_IN), w, None, A, BT, prefill) is None
+    assert backend.linear(x, w, None, A, BT, None) is None  # grad mode: autograd needs torch's ops
 
 
 def test_native_kernel_refuses_arguments_that_disagree():

@@ -127,3 +127,44 @@ void lmx_lora_add_f32_step(const int64_t *module, const int64_t *step, float *ou
                      (const float *)(intptr_t)module[1], (const int64_t *)(intptr_t)step[0], n, d_in,
                      d_out, R, R, threads);
 }
+
+/* A whole LoRA-wrapped linear in one call: out = x @ W.T (+ bias), then the
+ * step's LoRA deltas, so a decode layer goes from Python to C once. The GEMM is
+ * the BLAS sgemm that torch itself calls for F.linear (handed in once through
+ * lmx_set_sgemm and checked against F.linear by the caller), so the base output
+ * is the same.
+ *   step:   as for lmx_lora_add_f32_step (read only when module is set)
+ *   linear: {x, x_stride, n, d_in, d_out, W, bias (0: none), out, out_stride,
+ *            module (0: no LoRA; else the array of lmx_lora_add_f32_step)}
+ * W is [d_out, d_in] contiguous; x has n rows of d_in and out n rows of d_out,
+ * each at its stride. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *,
+                         const int *);
+static sgemm_fn sgemm;
+
+void lmx_set_sgemm(void *fn) { sgemm = (sgemm_fn)fn; }
+
+void lmx_linear_lora_f32(const int64_t *step, const int64_t *linear)
+{
+    const float *x = (const float *)(intptr_t)linear[0], *W = (const float *)(intptr_t)linear[5];
+    const float *bias = (const float *)(intptr_t)linear[6];
+    float *out = (float *)(intptr_t)linear[7];
+    const int64_t x_stride = linear[1], n = linear[2], d_in = linear[3], d_out = linear[4], out_stride = linear[8];
+    if (n <= 0 || !sgemm)
+        return;
+    /* Column-major, as BLAS sees it: out.T [d_out, n] = (W.T [d_in, d_out]).T . x.T [d_in, n] */
+    const int m = (int)d_out, cols = (int)n, k = (int)d_in, lda = (int)d_in, ldb = (int)x_stride,
+              ldc = (int)out_stride;
+    const float one = 1.0f;
+    float beta = 0.0f;
+    if (bias) { /* as addmm: the output starts as the bias and the product is added */
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t c = 0; c < d_out; c++)
+                out[t * out_stride + c] = bias[c];
+        beta = 1.0f;
+    }
+    sgemm("T", "N", &m, &cols, &k, &one, W, &lda, x, &ldb, &beta, out, &ldc);
+    if (linear[9])
+        lmx_lora_add_f32_step((const int64_t *)(intptr_t)linear[9], step, out, out_stride, x, x_stride);
+}

@@ -40,11 +40,17 @@ class LoraLinear(nn.Module):
         self._plain = type(base) is nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, d_in]
+        plan = self.ctx.plan
         if self._plain:
-            out = F.linear(x, self.base.weight, self.base.bias)
+            # The backend's one-call linear (base GEMM and this step's deltas) where
+            # it has one: base and adapter steps alike cross from Python once.
+            base, slots = self.base, self.slots
+            out = self.ctx.backend.linear(x, base.weight, base.bias, slots.A, slots.BT, plan)
+            if out is not None:
+                return out
+            out = F.linear(x, base.weight, base.bias)
         else:
             out = self.base(x)
-        plan = self.ctx.plan
         if plan is None or plan.mode == "none":
             return out
         slots = self.slots
