@@ -94,6 +94,8 @@ class NativeCpuBackend:
     the Python side of a call is kept to a few attribute reads: what is fixed per
     slot buffer (pointers, shapes; checked once) and per step (the routing; checked
     once) sits in int64 arrays the C entry reads, and a call passes only its rows.
+    `linear` goes further: base GEMM and deltas in one C call (see csrc/lora_cpu.c),
+    since each return to Python right after a GEMM runs with cold caches.
     """
 
     name = "cpu-native"
