@@ -103,6 +103,9 @@ class NativeCpuBackend:
     # more than `max_single_tokens` tokens share one adapter, GEMMs beat per-token loops.
     max_tokens = 32
     max_single_tokens = 4
+    # Steps without adapters take the one-call linear from this many tokens (a
+    # decode batch), where its chunked GEMM beats F.linear; a single row does not.
+    min_fused_tokens = 2
     # Below this many multiply-adds a second thread costs more than it saves. Decode
     # reads the adapter weights cold, so a second core's memory bandwidth pays early
     # (one rank-16 adapter on a 576-wide layer is ~18k).
@@ -119,7 +122,7 @@ class NativeCpuBackend:
         self._step_ptr = self._step.ctypes.data
         self._native_plan = False
         self._linear_fn = _fused_linear(lib)
-        self._linear = np.zeros(10, dtype=np.int64)
+        self._linear = np.zeros(11, dtype=np.int64)
         self._linear_ptr = self._linear.ctypes.data
         self._weights: dict[int, tuple] = {}  # id(weight) -> (weight, data_ptr, d_out, d_in), checked
 
@@ -145,7 +148,10 @@ class NativeCpuBackend:
             b_ptr = bias.data_ptr()
         n = x.numel() // d_in
         mod_ptr = 0
-        if plan is not None and plan.mode != "none":
+        if plan is None or plan.mode == "none":
+            if not self.min_fused_tokens <= n <= self.max_tokens:
+                return None  # F.linear is as fast: the C path wins only on decode batches
+        else:
             if plan is not self._plan:
                 self._start_plan(plan)
             if not self._native_plan:
@@ -159,7 +165,10 @@ class NativeCpuBackend:
             if n != plan.num_tokens or a_in != d_in or a_out != d_out or plan.max_slot >= s:
                 raise self._disagree(None, x, A, BT, plan)
         out = x.new_empty((*x.shape[:-1], d_out))
-        self._linear[:] = (x.data_ptr(), x_stride, n, d_in, d_out, w_ptr, b_ptr, out.data_ptr(), d_out, mod_ptr)
+        self._linear[:] = (
+            x.data_ptr(), x_stride, n, d_in, d_out, w_ptr, b_ptr, out.data_ptr(), d_out, mod_ptr,
+            torch.get_num_threads(),
+        )
         fn(self._step_ptr, self._linear_ptr)
         return out
 
@@ -264,7 +273,7 @@ def _fused_linear(lib):
     w, b = torch.randn(29, 37, generator=g), torch.randn(29, generator=g)
     out = torch.empty(3, 29)
     step = np.zeros(4, dtype=np.int64)
-    args = np.array([x.data_ptr(), 41, 3, 37, 29, w.data_ptr(), b.data_ptr(), out.data_ptr(), 29, 0], dtype=np.int64)
+    args = np.array([x.data_ptr(), 41, 3, 37, 29, w.data_ptr(), b.data_ptr(), out.data_ptr(), 29, 0, 1], dtype=np.int64)
     fn(step.ctypes.data, args.ctypes.data)
     if not torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5):
         log.warning("torch's sgemm does not reproduce F.linear here; LoRA layers call F.linear")

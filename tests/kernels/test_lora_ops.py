@@ -217,6 +217,33 @@ def test_fused_linear_is_f_linear_plus_the_deltas(case, with_bias):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("d_in, d_out, with_bias", [(576, 1536, False), (1536, 576, True), (576, 200, True)])
+def test_fused_linear_on_decode_batches_splits_the_gemm_and_overlaps_the_shrink(threads, d_in, d_out, with_bias):
+    """2..32 tokens on several threads: column-chunked GEMM, the shrink on its own
+    core, expands split by columns. Real layer sizes, so the split really runs."""
+    backend = _fused()
+    g = torch.Generator().manual_seed(d_out + threads)
+    A, BT = torch.randn(8, 16, d_in, generator=g) * 0.05, torch.randn(8, 16, d_out, generator=g) * 0.05
+    w = torch.randn(d_out, d_in, generator=g) * 0.05
+    b = torch.randn(d_out, generator=g) if with_bias else None
+    slots = torch.tensor([3, NO_SLOT, 0, 7, 7, 1, 5, 2])
+    x = torch.randn(len(slots), d_in + 8, generator=g)[:, :d_in]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = backend.linear(x, w, b, A, BT, plan_step(slots, 16, torch.float32))
+            base = backend.linear(x, w, b, A, BT, plan_step(torch.full((8,), NO_SLOT), 16, torch.float32))
+    finally:
+        torch.set_num_threads(before)
+    want = F.linear(x, w, b)
+    torch.testing.assert_close(base, want, rtol=1e-6, atol=1e-6)  # the same sgemm, by column chunks
+    add_lora_reference(want, x, A, BT, slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base)  # the deltas are there
+
+
 def test_fused_linear_follows_swapped_weights_and_leaves_autograd_to_torch():
     backend = _fused()
     A, BT = _buffers()

@@ -14,6 +14,7 @@
  * chains, four prefetch streams), and with fewer than two tokens per thread a token's
  * rank rows and output columns are split so every core pulls its share of bytes.
  */
+#include <omp.h>
 #include <stdint.h>
 
 #define ROWS 4 /* rows of A / BT read together */
@@ -131,13 +132,19 @@ void lmx_lora_add_f32_step(const int64_t *module, const int64_t *step, float *ou
 /* A whole LoRA-wrapped linear in one call: out = x @ W.T (+ bias), then the
  * step's LoRA deltas, so a decode layer goes from Python to C once. The GEMM is
  * the BLAS sgemm that torch itself calls for F.linear (handed in once through
- * lmx_set_sgemm and checked against F.linear by the caller), so the base output
- * is the same.
+ * lmx_set_sgemm and checked against F.linear by the caller).
  *   step:   as for lmx_lora_add_f32_step (read only when module is set)
  *   linear: {x, x_stride, n, d_in, d_out, W, bias (0: none), out, out_stride,
- *            module (0: no LoRA; else the array of lmx_lora_add_f32_step)}
+ *            module (0: no LoRA; else the array of lmx_lora_add_f32_step), threads}
  * W is [d_out, d_in] contiguous; x has n rows of d_in and out n rows of d_out,
- * each at its stride. */
+ * each at its stride.
+ *
+ * Decode batches (2..32 tokens) on 2..4 threads take the GEMM in column chunks,
+ * one single-threaded sgemm per chunk handed out dynamically: at these shapes
+ * that beats the BLAS's own threading (8 rows of the default model: 25.9 vs 30.5
+ * ms per 210 layers, same results), and it lets one core stream the adapters' A
+ * (the shrink, memory-bound) while the others run the GEMM (compute-bound); then
+ * every thread expands its share of the columns. */
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
                          const float *, const int *, const float *, const int *, const float *, float *,
                          const int *);
@@ -145,26 +152,62 @@ static sgemm_fn sgemm;
 
 void lmx_set_sgemm(void *fn) { sgemm = (sgemm_fn)fn; }
 
+/* out[:, c0:c1] = x @ W[c0:c1].T (+ bias[c0:c1]) */
+static void gemm_cols(const float *W, const float *bias, const float *x, int64_t x_stride, float *out,
+                      int64_t out_stride, int64_t n, int64_t d_in, int64_t c0, int64_t c1)
+{
+    /* Column-major, as BLAS sees it: out.T [d_out, n] = (W.T [d_in, d_out]).T . x.T [d_in, n] */
+    const int m = (int)(c1 - c0), cols = (int)n, k = (int)d_in, lda = (int)d_in, ldb = (int)x_stride,
+              ldc = (int)out_stride;
+    const float one = 1.0f;
+    float beta = 0.0f;
+    if (bias) { /* as addmm: the output starts as the bias and the product is added */
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t c = c0; c < c1; c++)
+                out[t * out_stride + c] = bias[c];
+        beta = 1.0f;
+    }
+    sgemm("T", "N", &m, &cols, &k, &one, W + c0 * d_in, &lda, x, &ldb, &beta, out + c0, &ldc);
+}
+
 void lmx_linear_lora_f32(const int64_t *step, const int64_t *linear)
 {
     const float *x = (const float *)(intptr_t)linear[0], *W = (const float *)(intptr_t)linear[5];
     const float *bias = (const float *)(intptr_t)linear[6];
     float *out = (float *)(intptr_t)linear[7];
     const int64_t x_stride = linear[1], n = linear[2], d_in = linear[3], d_out = linear[4], out_stride = linear[8];
+    const int64_t *module = (const int64_t *)(intptr_t)linear[9], threads = linear[10];
     if (n <= 0 || !sgemm)
         return;
-    /* Column-major, as BLAS sees it: out.T [d_out, n] = (W.T [d_in, d_out]).T . x.T [d_in, n] */
-    const int m = (int)d_out, cols = (int)n, k = (int)d_in, lda = (int)d_in, ldb = (int)x_stride,
-              ldc = (int)out_stride;
-    const float one = 1.0f;
-    float beta = 0.0f;
-    if (bias) { /* as addmm: the output starts as the bias and the product is added */
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t c = 0; c < d_out; c++)
-                out[t * out_stride + c] = bias[c];
-        beta = 1.0f;
+    if (threads < 2 || threads > 4 || n < 2 || n > 32) {
+        gemm_cols(W, bias, x, x_stride, out, out_stride, n, d_in, 0, d_out);
+        if (module)
+            lmx_lora_add_f32_step(module, step, out, out_stride, x, x_stride);
+        return;
     }
-    sgemm("T", "N", &m, &cols, &k, &one, W, &lda, x, &ldb, &beta, out, &ldc);
-    if (linear[9])
-        lmx_lora_add_f32_step((const int64_t *)(intptr_t)linear[9], step, out, out_stride, x, x_stride);
+    const int64_t R = module ? module[3] : 1;
+    const int64_t *slots = module ? (const int64_t *)(intptr_t)step[0] : 0;
+    const float *A = module ? (const float *)(intptr_t)module[0] : 0;
+    const float *BT = module ? (const float *)(intptr_t)module[1] : 0;
+    float shrunk[n * R];
+    const int64_t chunks = 2 * threads, chunk = ((d_out + chunks - 1) / chunks + 15) / 16 * 16;
+#pragma omp parallel num_threads(threads)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num(); /* nt is 1 when nested */
+        if (module && id == nt - 1) {
+            for (int64_t t = 0; t < n; t++)
+                if (slots[t] >= 0)
+                    shrink_rows(x + t * x_stride, A + slots[t] * R * d_in, d_in, 0, R, shrunk + t * R);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c0 = 0; c0 < d_out; c0 += chunk)
+            gemm_cols(W, bias, x, x_stride, out, out_stride, n, d_in, c0, c0 + chunk < d_out ? c0 + chunk : d_out);
+        if (module) { /* after the loop's barrier: every shrink and every column of the GEMM are done */
+            const int64_t piece = ((d_out + nt - 1) / nt + 15) / 16 * 16;
+            const int64_t e0 = id * piece, e1 = e0 + piece < d_out ? e0 + piece : d_out;
+            for (int64_t t = 0; t < n; t++)
+                if (slots[t] >= 0 && e0 < e1)
+                    expand_cols(out + t * out_stride, BT + slots[t] * R * d_out, shrunk + t * R, R, d_out, e0, e1);
+        }
+    }
 }
