@@ -196,8 +196,9 @@ FUSED_CASES = {"none": CASES["none"], "single": [NO_SLOT, 3, 3, NO_SLOT], "mixed
 @pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_linear_is_f_linear_plus_the_deltas(case, with_bias):
-    """One call for a whole layer: the base output bit for bit as F.linear (the
-    same sgemm), plus the reference deltas; rows as [B, T, d] or a strided view."""
+    """One call for a whole layer: the base output as F.linear (the same sgemm,
+    maybe by column chunks), plus the reference deltas; rows as [B, T, d] or a
+    strided view."""
     backend = _fused()
     slots = torch.tensor(FUSED_CASES[case])
     n = len(slots)
@@ -211,7 +212,7 @@ def test_fused_linear_is_f_linear_plus_the_deltas(case, with_bias):
         got = backend.linear(x, w, b, A, BT, plan)
         base = backend.linear(x.contiguous().unsqueeze(0), w, b, A, BT, None)
         assert got is not None and base is not None and base.shape == (1, n, D_OUT)
-        assert torch.equal(base[0], F.linear(x, w, b))
+        torch.testing.assert_close(base[0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
         want = F.linear(x, w, b)
         add_lora_reference(want, x, A, BT, slots)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -238,7 +239,7 @@ def test_fused_linear_on_decode_batches_splits_the_gemm_and_overlaps_the_shrink(
     finally:
         torch.set_num_threads(before)
     want = F.linear(x, w, b)
-    torch.testing.assert_close(base, want, rtol=1e-6, atol=1e-6)  # the same sgemm, by column chunks
+    torch.testing.assert_close(base, want, rtol=1e-5, atol=1e-5)  # the same sgemm by column chunks: BLAS blocking may differ in the last bits
     add_lora_reference(want, x, A, BT, slots)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, base)  # the deltas are there
