@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 
 from loramux_kernels import native
 from loramux_kernels.plan import StepPlan
@@ -128,6 +128,9 @@ class NativeCpuBackend:
 
     def linear(self, x, weight, bias, A, BT, plan: StepPlan | None) -> torch.Tensor | None:
         fn = self._linear_fn
+        lora = plan is not None and plan.mode != "none"
+        if not lora and plan is not None and not self.min_fused_tokens <= plan.num_tokens <= self.max_tokens:
+            return None  # decided before any tensor is touched: see the check on n below
         if fn is None or torch.is_grad_enabled():
             return None  # autograd needs torch's own ops
         w = self._weights.get(id(weight))
@@ -148,19 +151,17 @@ class NativeCpuBackend:
             b_ptr = bias.data_ptr()
         n = x.numel() // d_in
         mod_ptr = 0
-        if plan is None or plan.mode == "none":
+        if not lora:
             if not self.min_fused_tokens <= n <= self.max_tokens:
-                return None  # F.linear is as fast: the C path wins only on decode batches
+                return None  # F.linear is as fast or faster: the C path wins on decode batches
         else:
             if plan is not self._plan:
                 self._start_plan(plan)
             if not self._native_plan:
                 return None
-            entry = self._modules.get(id(A))
-            if entry is None or entry[0] is not A or entry[1] is not BT:
-                entry = self._module(A, BT, plan)
-                if entry is None:
-                    return None
+            entry = self._module(A, BT, plan)
+            if entry is None:
+                return None
             _, _, mod_ptr, s, a_in, a_out, _ = entry
             if n != plan.num_tokens or a_in != d_in or a_out != d_out or plan.max_slot >= s:
                 raise self._disagree(None, x, A, BT, plan)
@@ -184,12 +185,10 @@ class NativeCpuBackend:
     def add_lora_(self, out, x, A, BT, plan: StepPlan) -> None:
         if plan is not self._plan:
             self._start_plan(plan)
-        entry = self._modules.get(id(A)) if self._native_plan else None
-        if entry is None or entry[0] is not A or entry[1] is not BT:
-            entry = self._module(A, BT, plan) if self._native_plan else None
-            if entry is None:
-                self._torch.add_lora_(out, x, A, BT, plan)
-                return
+        entry = self._module(A, BT, plan) if self._native_plan else None
+        if entry is None:
+            self._torch.add_lora_(out, x, A, BT, plan)
+            return
         _, _, mod_ptr, s, d_in, d_out, _ = entry
         n = plan.num_tokens
         # The C loop trusts its arguments: everything it indexes with, per call.
@@ -223,6 +222,9 @@ class NativeCpuBackend:
     def _module(self, A, BT, plan: StepPlan):
         """The cached C arguments of one slot buffer pair, or None when the native
         loop does not take them (another dtype or device: the torch ops do)."""
+        entry = self._modules.get(id(A))
+        if entry is not None and entry[0] is A and entry[1] is BT:
+            return entry
         if not (A.dtype is BT.dtype is torch.float32 and A.is_cpu and BT.is_cpu):
             return None
         if not (A.dim() == BT.dim() == 3 and BT.shape[:2] == A.shape[:2]):

@@ -44,11 +44,10 @@ class LoraLinear(nn.Module):
         lora = plan is not None and plan.mode != "none"
         if self._plain:
             base = self.base
-            if plan is not None and (lora or plan.num_tokens > 1):
+            if plan is not None:
                 # The backend's one-call linear (base GEMM, then this step's deltas)
-                # where it has one: no return to Python between the two, and a
-                # faster GEMM for decode batches, with adapters or without. A lone
-                # row without adapters keeps F.linear, a little faster there.
+                # where it has one and it pays: no return to Python between the two,
+                # and a faster GEMM for decode batches, with adapters or without.
                 out = self.ctx.backend.linear(x, base.weight, base.bias, self.slots.A, self.slots.BT, plan)
                 if out is not None:
                     return out
