@@ -41,6 +41,7 @@ SIGNATURES = {
     "lmx_linear_lora_f32": [_PTR, _PTR],
     "lmx_kth_largest_abs_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "lmx_ties_merge_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
+    "lmx_paged_attention_f32": [_PTR, _PTR, _PTR, ctypes.c_double, ctypes.c_double],
 }
 
 _lock = threading.Lock()

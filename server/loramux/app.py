@@ -1,14 +1,17 @@
 """Composition root: the one place that builds the model, adapter store, device
-slots, LoRA layers and engine, and hands each its collaborators."""
+slots, LoRA layers, KV cache and engine, and hands each its collaborators."""
 
 from __future__ import annotations
 
 from loramux.adapters.slots import SlotPool
 from loramux.adapters.store import AdapterStore
 from loramux.config import EngineConfig
-from loramux.engine.engine import Engine
+from loramux.engine.engine import Engine, max_sequence_length
+from loramux.engine.kv_cache import KvCache, KvGeometry, default_kv_bytes
+from loramux.engine.pins import PinController
 from loramux.merging.pinning import WeightPinner
 from loramux.merging.service import MergeService
+from loramux.model import attention
 from loramux.model.loader import LoadedModel, load_base_model
 from loramux.model.lora_layers import LoraContext, wrap_targets
 from loramux_kernels import select_backend
@@ -28,5 +31,14 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Eng
     )
     ctx = LoraContext(backend=select_backend(loaded.device))
     layers = wrap_targets(loaded.model, pool, ctx)
+    attention.install(loaded.model)
     merges = MergeService(store, config.merges)
-    return Engine(loaded, store, pool, ctx, config, merges, WeightPinner(layers))
+    kv = build_kv_cache(config, loaded)
+    return Engine(loaded, store, pool, ctx, config, merges, PinController(WeightPinner(layers)), kv)
+
+
+def build_kv_cache(config: EngineConfig, loaded: LoadedModel) -> KvCache:
+    geometry = KvGeometry.of(loaded.model.config, loaded.dtype)
+    kc = config.kv_cache
+    budget = kc.bytes or default_kv_bytes(geometry, config.max_batch_rows * max_sequence_length(loaded, config.max_seq_len))
+    return KvCache.from_budget(geometry, budget, kc.block_size, loaded.device, kc.prefix_caching)

@@ -124,23 +124,66 @@ class MergeConfig:
 
 
 @dataclass
+class KvCacheConfig:
+    """The paged KV cache, allocated once at start.
+
+    bytes: the pool's size; None sizes it for max_batch_rows full-length rows,
+      capped at a quarter of the memory available at start.
+    block_size: tokens per block.
+    prefix_caching: keep the blocks of finished prompts for later requests that
+      share the prefix under the same weights.
+    """
+
+    bytes: int | None = None
+    block_size: int = 16
+    prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.bytes is not None and self.bytes < 1:
+            raise InvalidArgument("kv_cache bytes must be positive")
+        if not 1 <= self.block_size <= 1024:
+            raise InvalidArgument(f"kv_cache block_size must be in [1, 1024], got {self.block_size}")
+
+
+@dataclass
 class EngineConfig:
-    """Everything the engine needs, validated together."""
+    """Everything the engine needs, validated together.
+
+    max_batch_rows: rows (requests) running at once.
+    max_seq_len: prompt + generated tokens of one row, at most (and at most the
+      model's own limit).
+    max_batch_tokens: tokens one forward step packs (decode tokens plus prefill
+      chunks).
+    prefill_chunk_tokens: while rows are decoding, prompt tokens one step takes at
+      most, so a long prompt is prefilled over several steps and never stalls the
+      streams already running for long (chunked prefill).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     slots: SlotConfig = field(default_factory=SlotConfig)
     merges: MergeConfig = field(default_factory=MergeConfig)
+    kv_cache: KvCacheConfig = field(default_factory=KvCacheConfig)
     max_batch_rows: int = 32
     max_seq_len: int = 4096
+    max_batch_tokens: int = 2048
+    prefill_chunk_tokens: int = 64
 
     def validate(self) -> "EngineConfig":
         self.model.validate()
         self.adapters.validate()
         self.slots.validate()
         self.merges.validate(self.adapters.max_rank)
+        self.kv_cache.validate()
         if self.max_batch_rows < 1:
             raise InvalidArgument("max_batch_rows must be at least 1")
+        if self.max_batch_tokens < self.max_batch_rows:
+            raise InvalidArgument(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_rows "
+                f"({self.max_batch_rows}): every running row decodes one token per step"
+            )
+        if not 1 <= self.prefill_chunk_tokens <= self.max_batch_tokens:
+            raise InvalidArgument("prefill_chunk_tokens must be in [1, max_batch_tokens]")
         return self
 
 
@@ -202,7 +245,7 @@ class ServerConfig:
 
 # TOML section → the dataclass it fills ("engine" holds EngineConfig's own fields).
 _SECTIONS = {"model": ModelConfig, "adapters": AdapterConfig, "slots": SlotConfig,
-             "merges": MergeConfig, "server": ServerConfig}
+             "merges": MergeConfig, "kv_cache": KvCacheConfig, "server": ServerConfig}
 
 
 def load_toml(path: Path) -> tuple[EngineConfig, ServerConfig]:
@@ -251,6 +294,9 @@ def _coerce(hint, value, where: str):
             return [Path(v) for v in value]
         if isinstance(value, str):
             return Path(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
     elif "float" in text and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     elif "int" in text and isinstance(value, int) and not isinstance(value, bool):

@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loramux.app import build_engine
+    from loramux.app import build_engine, build_kv_cache
     from loramux.config import AdapterConfig, EngineConfig, ModelConfig, SlotConfig
     from loramux.engine.engine import Engine
+    from loramux.engine.pins import PinController
     from loramux.model.loader import ensure_default_model
 
     base_dir = ensure_default_model(args.model_cache)
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         # Same model, store, slot pool and LoRA context; its own rows and KV cache.
         # Steps run one at a time on this thread, and the 8 slots hold all 8
         # adapters, so the twins never contend for a slot.
-        return Engine(first.loaded, first.store, first.pool, first.ctx, first.config, first.merges, first.pinner)
+        return Engine(first.loaded, first.store, first.pool, first.runner.ctx, first.config, first.merges,
+                      PinController(first.pinner), build_kv_cache(first.config, first.loaded))
 
     def hf():
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()

@@ -1,59 +1,47 @@
-"""The engine: one resident model, many adapters, continuous batching of decode steps.
+"""The engine facade: one resident model, many adapters, continuous batching over
+a paged KV cache.
 
-Single-threaded by design: `step()` runs on one engine thread; `submit()` and
-`cancel()` may be called from any thread and only touch a locked queue.
+The parts own their state: the scheduler (waiting FIFO, running rows, admission,
+preemption), the model runner (packed step inputs, forward, sampling), the pin
+controller (epochs, swaps) and the resolver (selection → adapter, compensation).
+`Engine` wires them and is what the service, CLI and tests call. `step()` runs on
+one engine thread; `submit()` and `cancel()` may be called from any thread.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from loramux.adapters.slots import SlotPool
-from loramux.adapters.store import AdapterStore
-from loramux.adapters.types import LoraAdapter
+from loramux.adapters.store import AdapterInfo, AdapterStore
 from loramux.config import EngineConfig
-from loramux.engine.batch import concat_caches, left_pad, positions, select_rows
 from loramux.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from loramux.engine.sampling import RowSampler, sample_next
+from loramux.engine.kv_cache import KvCache
+from loramux.engine.model_runner import ModelRunner
+from loramux.engine.pins import PinController, Swap
+from loramux.engine.resolver import Resolver
+from loramux.engine.sampling import RowSampler
+from loramux.engine.scheduler import Chunk, Limits, Scheduler
 from loramux.engine.sequence import Sequence
 from loramux.engine.types import (
     RESOLVED_ADAPTER,
-    RESOLVED_BASE,
     RESOLVED_MERGE,
-    RESOLVED_MIX,
-    RESOLVED_PINNED,
     GenerationRequest,
     GenerationResult,
-    Resolution,
     TokenEvent,
 )
-from loramux.errors import FailedPrecondition, InvalidArgument, LoramuxError, ResourceExhausted
-from loramux.merging.compensation import compensated_adapter
-from loramux.merging.lowrank import Factored
-from loramux.merging.pinning import WeightPinner
+from loramux.errors import InvalidArgument, LoramuxError, ResourceExhausted
+from loramux.merging.materialize import MergeReport
 from loramux.merging.service import MergeService
+from loramux.merging.spec import MixSpec
 from loramux.model.loader import LoadedModel
 from loramux.model.lora_layers import LoraContext
-from loramux_kernels import NO_SLOT, plan_step
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunningBatch:
-    """Rows decoding together. cache rows and mask rows follow `seqs` order."""
-
-    seqs: list[Sequence]
-    cache: DynamicCache
-    mask: torch.Tensor  # [B, L] 1 on real tokens, 0 on left padding
-    next_ids: torch.Tensor  # [B] the token each row feeds next
 
 
 class Engine:
@@ -65,22 +53,22 @@ class Engine:
         ctx: LoraContext,
         config: EngineConfig,
         merges: MergeService,
-        pinner: WeightPinner,
+        pins: PinController,
+        kv: KvCache,
     ):
-        self.loaded, self.store, self.pool, self.ctx, self.config = loaded, store, pool, ctx, config
-        self.merges, self.pinner = merges, pinner
-        self._pending_swap: _Swap | None = None
-        # Replaced (never mutated) by every pin/unpin, so a request resolved on
-        # another thread reads one consistent weight state.
-        self._pin_state = _PinState()
-        self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
+        self.loaded, self.config = loaded, config
+        self._store, self._pool, self._merges, self._pins, self._kv = store, pool, merges, pins, kv
+        self.tokenizer, self.device = loaded.tokenizer, loaded.device
         self.eos_ids = _eos_ids(loaded)
-        self.max_len = _max_len(loaded, config.max_seq_len)
-        self._waiting: collections.deque[Sequence] = collections.deque()
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
-        self._batch: RunningBatch | None = None
+        self.max_len = max_sequence_length(loaded, config.max_seq_len)
+        self.resolver = Resolver(store, merges, pool.max_rank)
+        self.scheduler = Scheduler(
+            Limits(config.max_batch_rows, config.max_batch_tokens, config.prefill_chunk_tokens),
+            kv.allocator, pool,
+        )
+        self.runner = ModelRunner(loaded.model, kv, pool, ctx, loaded.device)
         self._deferred_release: set[str] = set()
+        self.last_step_tokens = 0
         store.subscribe_evictions(self._on_adapter_evicted)
         merges.cache.subscribe(self._on_adapter_evicted)
 
@@ -90,22 +78,21 @@ class Engine:
         """Validate, tokenize and resolve the adapter, then queue the request.
 
         Errors (bad parameters, unknown adapter, prompt too long) raise here, in the
-        caller's thread, before anything touches the running batch.
+        caller's thread, before anything touches the running rows.
         """
-        seq = self._make_sequence(request)
-        with self._lock:
-            self._waiting.append(seq)
+        self.scheduler.submit(self._make_sequence(request))
 
     def cancel(self, request_id: str) -> None:
         """The request stops at the next step boundary (its row is freed then)."""
-        with self._lock:
-            self._cancelled.add(request_id)
+        self.scheduler.cancel(request_id)
+
+    # ---- pinning ---------------------------------------------------------------
 
     def pin(self, selection: GenerationRequest) -> float:
         """Fold the adapter, named merge or mix that `selection` names into the base
         weights (exactly, uncompressed); returns seconds spent swapping.
 
-        The swap waits for a step boundary with no running row (drain): admission
+        The swap waits for a step boundary with no row in flight (drain): admission
         pauses, running rows finish on the weights they started with, the weights
         change, admission resumes. No request ever sees two weight sets. Call from
         the engine thread (it drives steps until the swap is done); a server loop
@@ -116,129 +103,124 @@ class Engine:
     def unpin(self) -> float:
         return self._drive(self.request_swap(None, None))
 
-    def _drive(self, swap: "_Swap") -> float:
+    def request_swap(self, deltas, label: str | None) -> Swap:
+        """Queue a pin (deltas) or unpin (None); applied at the next drained step."""
+        return self._pins.request(deltas, label)
+
+    @property
+    def pinned(self) -> str | None:
+        return self._pins.label
+
+    @property
+    def pinner(self):
+        """The weight pinner (its layers are the base weights, for export)."""
+        return self._pins.pinner
+
+    def exact_deltas(self, selection: GenerationRequest):
+        return self.resolver.exact_deltas(selection)
+
+    def _drive(self, swap: Swap) -> float:
         while not swap.done.is_set():
             self.step()
         if swap.error is not None:
             raise swap.error
         return swap.seconds
 
-    def request_swap(self, deltas, label: str | None) -> "_Swap":
-        """Queue a pin (deltas) or unpin (None); applied at the next drained step."""
-        self.pinner.check_supported()
-        swap = _Swap(deltas, label)
-        with self._lock:
-            if self._pending_swap is not None:
-                raise FailedPrecondition("another pin or unpin is in progress")
-            self._pending_swap = swap
-        return swap
+    # ---- operator API (any thread) ---------------------------------------------
+
+    def load_adapter(self, name: str, keep: bool = False):
+        return self._store.pin(name) if keep else self._store.load(name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an adapter from the host cache, the operator's keep included; its
+        slot is freed once no row uses it."""
+        if any(a.name == name and a.pinned for a in self._store.list()):
+            self._store.unpin(name)
+        self._store.unload(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._store.list()
+
+    def create_merge(self, name: str, spec: MixSpec, replace_existing: bool = False) -> MergeReport:
+        return self._merges.create(name, spec, replace_existing)
+
+    def delete_merge(self, name: str) -> None:
+        self._merges.delete(name)
+
+    def list_merges(self) -> list[tuple[str, MixSpec, MergeReport | None]]:
+        return [(n, s, self._merges.report_of(n)) for n, s in sorted(self._merges.list().items())]
+
+    # ---- state -----------------------------------------------------------------
+
+    # The collaborators, for tests, benchmarks and evaluation; the service reads
+    # `info()` and calls the operator methods above instead.
+    @property
+    def store(self) -> AdapterStore:
+        return self._store
 
     @property
-    def pinned(self) -> str | None:
-        return self.pinner.label
+    def merges(self) -> MergeService:
+        return self._merges
 
-    def exact_deltas(self, selection: GenerationRequest):
-        """Uncompressed ΔW per module of the adapter, named merge or mix that
-        `selection` names (what pinning folds in and export writes)."""
-        if selection.adapter is not None:
-            adapter = self.store.get(selection.adapter)
-            return {n: Factored(m.B.float() * m.scale, m.A.float()) for n, m in adapter.modules.items()}
-        spec = self.merges.get(selection.merge) if selection.merge else selection.mix
-        if spec is None:
-            raise InvalidArgument("pin needs an adapter, a merge name or a mix")
-        return self.merges.exact_deltas(spec)
+    @property
+    def pool(self) -> SlotPool:
+        return self._pool
 
-    def _apply_pending_swap(self) -> None:
-        swap = self._pending_swap
-        if swap is None or self._batch is not None:
-            return
-        try:
-            if swap.deltas is None:
-                swap.seconds = self.pinner.unpin()
-            else:
-                swap.seconds = self.pinner.pin(swap.deltas, swap.label)
-        except Exception as e:  # reported to the caller, the engine goes on
-            swap.error = e
-        factors, refusal = self._compensation_for(swap.deltas)
-        self._pin_state = _PinState(self._pin_state.epoch + 1, self.pinner.label, factors, refusal)
-        with self._lock:
-            self._pending_swap = None
-        swap.done.set()
+    @property
+    def kv(self) -> KvCache:
+        return self._kv
 
-    def _compensation_for(self, deltas) -> tuple[dict | None, str | None]:
-        if not self.pinner.pinned:
-            return None, None
-        if self.pinner.quantized:
-            return None, (
-                "the base is quantized (re-quantizing with the merge moved every weight), "
-                "so adapters cannot be served exactly on top of it"
-            )
-        if not all(isinstance(d, Factored) for d in deltas.values()):
-            return None, "its ΔW is dense (not low rank), so it cannot be subtracted exactly per request"
-        return deltas, None
-
-    def _on_weights(self, requested: LoraAdapter | None, pin: "_PinState") -> LoraAdapter | None:
-        """What a row must add so it computes W + ΔW_requested on the weights of `pin`:
-        `requested` itself, or requested − P while a merge P is pinned."""
-        if requested is None or pin.label is None:
-            return requested
-        if pin.factors is None:
-            raise FailedPrecondition(
-                f"{pin.label} is pinned and {pin.refusal}; requests naming an "
-                "adapter, merge or mix are refused until it is unpinned"
-            )
-        pin_id = f"pin{pin.epoch}"
-        return self.merges.cache.get_or_load(
-            f"{requested.name}~{pin_id}",
-            lambda: compensated_adapter(requested, pin.factors, pin_id, self.pool.max_rank),
-        )
-
-    def _rebind_waiting(self) -> list[TokenEvent]:
-        """Waiting rows resolved before the last pin/unpin get their adapter for the
-        weights they will run on; a row that cannot be served ends with an error."""
-        with self._lock:
-            stale = [s for s in self._waiting if s.pin_epoch != self._pin_state.epoch]
-        pin = self._pin_state
-        failed: dict[str, tuple[Sequence, str]] = {}
-        for seq in stale:
-            try:
-                seq.adapter, seq.pin_epoch = self._on_weights(seq.requested, pin), pin.epoch
-            except LoramuxError as e:
-                failed[seq.request_id] = (seq, str(e))
-        if not failed:
-            return []
-        with self._lock:
-            self._waiting = collections.deque(s for s in self._waiting if s.request_id not in failed)
-        return [seq.fail(message) for seq, message in failed.values()]
+    @property
+    def model(self):
+        return self.loaded.model
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self.scheduler.num_waiting
 
     @property
     def num_running(self) -> int:
-        return len(self._batch.seqs) if self._batch else 0
+        return len(self.scheduler.running)
 
     def usage(self) -> "EngineUsage":
-        """Running and waiting requests and the adapters they name. Call on the
-        engine thread (it reads the running batch)."""
-        with self._lock:
-            waiting = list(self._waiting)
-        running = list(self._batch.seqs) if self._batch else []
+        """Running and waiting requests and the adapters they name."""
+        running, waiting = self.scheduler.snapshot()
         return EngineUsage(len(running), len(waiting), _served_names(running), _served_names(waiting))
 
+    def info(self) -> "EngineInfo":
+        """One snapshot of everything operators and metrics read (any thread)."""
+        host, merges, pool, blocks = self._store.cache, self._merges.cache, self._pool, self._kv.allocator
+        spec = self.loaded.spec
+        return EngineInfo(
+            base_model=spec.name,
+            model_fingerprint=spec.fingerprint,
+            device=str(self.loaded.device),
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            quantization=self.loaded.quantization,
+            pinned=self.pinned,
+            usage=self.usage(),
+            host_cache=CacheInfo(host.capacity_bytes, host.bytes_used, host.count, host.stats),
+            merge_cache=CacheInfo(merges.capacity_bytes, merges.bytes_used, merges.count, merges.stats),
+            slots=SlotInfo(pool.num_slots, len(pool.resident()), pool.max_rank, pool.nbytes, pool.stats),
+            kv=KvInfo(
+                block_size=self._kv.block_size, blocks=blocks.num_blocks, used=blocks.num_used,
+                cached=blocks.num_cached, free=blocks.num_free - blocks.num_cached,
+                capacity_bytes=self._kv.nbytes, stats=blocks.stats,
+            ),
+            max_batch_rows=self.config.max_batch_rows,
+            max_batch_tokens=self.config.max_batch_tokens,
+            last_step_tokens=self.last_step_tokens,
+        )
+
     def abort_all(self) -> list[str]:
-        """Drop every running and waiting request (after a failed step, whose batch
-        state can no longer be trusted); returns their ids. Engine thread only."""
-        with self._lock:
-            seqs = list(self._waiting) + (self._batch.seqs if self._batch else [])
-            self._waiting.clear()
-            self._cancelled.clear()
-        self._batch = None
-        return [s.request_id for s in seqs]
+        """Drop every running and waiting request (after a failed step, whose state
+        can no longer be trusted); returns their ids. Engine thread only."""
+        return [s.request_id for s in self.scheduler.abort_all()]
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self._batch is not None or self._pending_swap is not None
+        return self.scheduler.has_work() or self._pins.pending
+
+    # ---- running (engine thread) -----------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run requests to completion on the calling thread (CLI, tests, benches)."""
@@ -254,35 +236,52 @@ class Engine:
     @torch.inference_mode()
     def prompt_logits(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
         """Logits at every prompt position, [T_i, V] float32 per request, from one
-        batched forward in which each row uses its own adapter. For scoring
+        packed forward in which each row uses its own adapter. For scoring
         (perplexity, evaluation) and tests; call it on the engine thread."""
         seqs = [self._make_sequence(r) for r in requests]
-        busy = self._busy_slots()
-        for s in seqs:
-            if s.adapter is not None:
-                s.slot = self.pool.acquire(s.slot_key, s.adapter.modules, busy)
-                busy.add(s.slot)
-        ids, mask = left_pad([s.prompt_ids for s in seqs], self.tokenizer.pad_token_id, self.device)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, cache, [s.slot for s in seqs], keep=0)
-        return [logits[i, -len(s.prompt_ids):].float() for i, s in enumerate(seqs)]
-
-    # ---- the step loop (engine thread) -----------------------------------------
+        busy = {s.slot for s in self.scheduler.running if s.adapter is not None}
+        blocks = self._kv.allocator
+        need = sum(blocks.blocks_for(len(s.prompt_ids)) for s in seqs)
+        if need > blocks.num_free:
+            raise ResourceExhausted(f"scoring needs {need} KV blocks; {blocks.num_free} are free")
+        try:
+            for s in seqs:
+                if s.adapter is not None:
+                    s.slot = self._pool.acquire(s.slot_key, s.adapter.modules, busy)
+                    busy.add(s.slot)
+                s.block_table = blocks.allocate(blocks.blocks_for(len(s.prompt_ids)))
+            chunks = [Chunk(s, 0, len(s.prompt_ids)) for s in seqs]
+            logits = self.runner.forward(self.runner.prepare(chunks, all_logits=True))  # [N, V]
+        finally:
+            for s in seqs:
+                blocks.free(s.block_table)
+        return [t.float() for t in logits.split([len(s.prompt_ids) for s in seqs])]
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """One scheduling iteration: drop cancelled rows, admit and prefill waiting
-        requests, then decode one token for every running row."""
-        events = self._drop_cancelled()
-        self._apply_pending_swap()
-        if self._pending_swap is None:
+        """One scheduling iteration: drop cancelled rows, apply a drained swap,
+        then one packed forward over decode tokens and prompt chunks."""
+        events = self.scheduler.drop_cancelled()
+        if self._pins.pending and not self.scheduler.in_flight():
+            self._pins.apply()
+        if not self._pins.pending:
             events += self._rebind_waiting()
-        admitted = [] if self._pending_swap is not None else self._admit()
-        if admitted:
-            events += self._prefill(admitted)
-        if self._batch is not None:
-            events += self._decode()
+        chunks = self.scheduler.schedule(admit_new=not self._pins.pending)
+        self.last_step_tokens = sum(c.count for c in chunks)
+        if chunks:
+            events += self._run(chunks)
         self._release_deferred()
+        return events
+
+    def _run(self, chunks: list[Chunk]) -> list[TokenEvent]:
+        for c in chunks:
+            if c.seq.started_at is None:
+                c.seq.started_at = time.monotonic()
+        tokens = self.runner.step(chunks)
+        self.scheduler.commit(chunks)
+        sampling = [c.seq for c in chunks if c.samples]
+        events = [seq.accept(tok) for seq, tok in zip(sampling, tokens)]
+        self.scheduler.remove_finished()
         return events
 
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
@@ -292,10 +291,11 @@ class Engine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the limit is {self.max_len - 1}"
             )
+        self._check_fits(len(prompt_ids), request.sampling.max_new_tokens)
         # One snapshot: a pin landing meanwhile leaves this row on an older epoch,
         # and admission rebinds it.
-        pin = self._pin_state
-        requested, resolution = self._resolve_selection(request, pin)
+        pin = self._pins.state
+        requested, resolution = self.resolver.resolve(request, pin)
         return Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -304,32 +304,22 @@ class Engine:
             stopper=StopMatcher(request.sampling.stop),
             eos_ids=self.eos_ids,
             max_len=self.max_len,
-            adapter=self._on_weights(requested, pin),
+            adapter=self.resolver.on_weights(requested, pin),
             requested=requested,
             pin_epoch=pin.epoch,
             resolution=resolution,
         )
 
-    def _resolve_selection(
-        self, request: GenerationRequest, pin: "_PinState"
-    ) -> tuple[LoraAdapter | None, Resolution]:
-        """(adapter or virtual merged adapter, how it was found) for the request."""
-        chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
-        if len(chosen) > 1:
-            raise InvalidArgument("give at most one of adapter, merge or mix")
-        if request.adapter is not None:
-            hit = request.adapter in self.store.cache
-            adapter = self.store.get(request.adapter)
-            return adapter, Resolution(RESOLVED_ADAPTER, request.adapter, hit)
-        if request.merge is not None:
-            adapter, report = self.merges.resolve(self.merges.get(request.merge))
-            return adapter, Resolution(RESOLVED_MERGE, request.merge, report.cache_hit, report)
-        if request.mix is not None:
-            adapter, report = self.merges.resolve(request.mix)
-            return adapter, Resolution(RESOLVED_MIX, request.mix.describe(), report.cache_hit, report)
-        if pin.label is not None:
-            return None, Resolution(RESOLVED_PINNED, pin.label)
-        return None, Resolution(RESOLVED_BASE)
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """A row must fit the whole KV cache alone, or preemption could never make
+        room for it."""
+        tokens = min(prompt_tokens + max_new_tokens, self.max_len)
+        blocks = self._kv.allocator
+        if blocks.blocks_for(tokens) > blocks.num_blocks:
+            raise InvalidArgument(
+                f"the prompt plus max_new_tokens need {tokens} tokens of KV cache; the cache holds "
+                f"{self._kv.capacity_tokens} (raise --kv-cache-bytes or lower max_new_tokens)"
+            )
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if (request.prompt is None) == (request.messages is None):
@@ -350,154 +340,45 @@ class Engine:
             raise InvalidArgument("prompt encodes to no tokens")
         return ids
 
-    def _drop_cancelled(self) -> list[TokenEvent]:
-        with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
-            if not cancelled:
-                return []
-            waiting = [s for s in self._waiting if s.request_id in cancelled]
-            self._waiting = collections.deque(
-                s for s in self._waiting if s.request_id not in cancelled
-            )
-        events = [s.cancel() for s in waiting]
-        if self._batch is not None:
-            for seq in self._batch.seqs:
-                if seq.request_id in cancelled and not seq.finished:
-                    events.append(seq.cancel())
-            self._remove_finished()
-        return events
-
-    def _busy_slots(self) -> set[int]:
-        return {s.slot for s in self._batch.seqs} if self._batch else set()
-
-    def _admit(self) -> list[Sequence]:
-        """Take waiting requests FIFO while rows and device slots allow. A request
-        whose adapter cannot get a slot waits; it is retried first next step."""
-        room = self.config.max_batch_rows - self.num_running
-        admitted: list[Sequence] = []
-        busy = self._busy_slots()
-        with self._lock:
-            while self._waiting and len(admitted) < room:
-                seq = self._waiting[0]
-                if seq.adapter is not None:
-                    try:
-                        seq.slot = self.pool.acquire(seq.slot_key, seq.adapter.modules, busy)
-                    except ResourceExhausted:
-                        break  # FIFO: later requests do not overtake it
-                    busy.add(seq.slot)
-                self._waiting.popleft()
-                admitted.append(seq)
-        return admitted
-
-    def _forward(self, ids, mask, cache, slots: list[int], keep: int = 1) -> torch.Tensor:
-        """One model forward with each row's adapter (NO_SLOT for none).
-
-        Returns logits [B, V] of the last position, or [B, T, V] when keep=0."""
-        b, t = ids.shape
-        token_slots = torch.tensor(slots, dtype=torch.long, device=self.device)
-        token_slots = token_slots.repeat_interleave(t)  # [B*T], row-major like x
-        self.ctx.plan = plan_step(token_slots, self.pool.rank, self.pool.dtype)
-        try:
-            out = self.model(
-                input_ids=ids,
-                # No padding (one row, equal lengths): let attention take its causal
-                # fast path instead of materializing a 4-D mask every step.
-                attention_mask=None if bool(mask.all()) else mask,
-                position_ids=positions(mask, t),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=keep,
-            )
-        finally:
-            self.ctx.plan = None
-        return out.logits[:, -1] if keep == 1 else out.logits
-
-    def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        started = time.monotonic()
-        for s in seqs:
-            s.started_at = started
-        pad = self.tokenizer.pad_token_id
-        ids, mask = left_pad([s.prompt_ids for s in seqs], pad, self.device)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, cache, [s.slot for s in seqs])
-        events = self._sample_and_accept(seqs, logits)
-        next_ids = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
-        if self._batch is None:
-            self._batch = RunningBatch(seqs, cache, mask, next_ids)
-        else:
-            b = self._batch
-            b.cache, b.mask = concat_caches(b.cache, b.mask, cache, mask)
-            b.seqs = b.seqs + seqs
-            b.next_ids = torch.cat([b.next_ids, next_ids])
-        self._remove_finished()
-        return events
-
-    def _decode(self) -> list[TokenEvent]:
-        b = self._batch
-        b.mask = torch.cat([b.mask, b.mask.new_ones(b.mask.shape[0], 1)], dim=1)
-        slots = [s.slot for s in b.seqs]
-        logits = self._forward(b.next_ids.unsqueeze(1), b.mask, b.cache, slots)
-        events = self._sample_and_accept(b.seqs, logits)
-        b.next_ids = torch.tensor([s.generated[-1] for s in b.seqs], device=self.device)
-        self._remove_finished()
-        return events
-
-    def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        tokens = sample_next(logits, [s.sampler for s in seqs])
-        return [s.accept(tok) for s, tok in zip(seqs, tokens)]
-
-    def _remove_finished(self) -> None:
-        b = self._batch
-        if b is None:
-            return
-        keep = [i for i, s in enumerate(b.seqs) if not s.finished]
-        if len(keep) == len(b.seqs):
-            return
-        if not keep:
-            self._batch = None
-            return
-        idx = torch.tensor(keep, device=self.device)
-        b.cache, b.mask = select_rows(b.cache, b.mask, idx)
-        b.seqs = [b.seqs[i] for i in keep]
-        b.next_ids = b.next_ids.index_select(0, idx)
+    def _rebind_waiting(self) -> list[TokenEvent]:
+        """Waiting rows resolved before the last pin/unpin get their adapter for the
+        weights they will run on; a row that cannot be served ends with an error."""
+        pin = self._pins.state
+        stale = [s for s in self.scheduler.waiting() if s.pin_epoch != pin.epoch]
+        failed: dict[str, tuple[Sequence, str]] = {}
+        for seq in stale:
+            try:
+                seq.adapter, seq.pin_epoch = self.resolver.on_weights(seq.requested, pin), pin.epoch
+            except LoramuxError as e:
+                failed[seq.request_id] = (seq, str(e))
+        if not failed:
+            return []
+        self.scheduler.remove_waiting(set(failed))
+        return [seq.fail(message) for seq, message in failed.values()]
 
     # ---- adapter lifecycle -----------------------------------------------------
 
     def _on_adapter_evicted(self, name: str) -> None:
         """Host cache dropped an adapter: free its device slot now, or once the rows
         using it finish (running requests keep the weights they started with)."""
-        with self._lock:
-            self._deferred_release.add(name)
+        self._deferred_release.add(name)
 
     def _release_deferred(self) -> None:
-        with self._lock:
-            if not self._deferred_release:
-                return
-            names = set(self._deferred_release)
-            in_use = {s.slot_key for s in self._batch.seqs} if self._batch else set()
-            in_use |= {s.slot_key for s in self._waiting}
+        if not self._deferred_release:
+            return
+        names = set(self._deferred_release)
+        running, waiting = self.scheduler.snapshot()
+        in_use = {s.slot_key for s in running + waiting}
         still_used = set()
-        for key in self.pool.resident():
+        for key in self._pool.resident():
             name = key.split("@", 1)[0]
             if name not in names:
                 continue
             if key in in_use:
                 still_used.add(name)
             else:
-                self.pool.release(key)
-        with self._lock:
-            self._deferred_release = (self._deferred_release - names) | still_used
-
-
-@dataclass(frozen=True)
-class _PinState:
-    """The base weights' pin: epoch (bumped by every pin/unpin), the pinned label,
-    P's factors when other adapters can be served exactly on top of it, else why not."""
-
-    epoch: int = 0
-    label: str | None = None
-    factors: dict[str, Factored] | None = None
-    refusal: str | None = None
+                self._pool.release(key)
+        self._deferred_release = (self._deferred_release - names) | still_used
 
 
 @dataclass(frozen=True)
@@ -511,20 +392,65 @@ class EngineUsage:
     waiting_adapters: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class CacheInfo:
+    capacity_bytes: int
+    bytes_used: int
+    count: int
+    stats: object  # the cache's CacheStats (hits, misses, evictions, loads)
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    num_slots: int
+    used: int
+    max_rank: int
+    nbytes: int
+    stats: object  # SlotStats
+
+
+@dataclass(frozen=True)
+class KvInfo:
+    """blocks = used + cached + free; cached blocks hold reusable prefixes and are
+    reclaimed when no free block is left."""
+
+    block_size: int
+    blocks: int
+    used: int
+    cached: int
+    free: int
+    capacity_bytes: int
+    stats: object  # BlockStats
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks owned by rows (vLLM's kv_cache_usage_perc, 0-1)."""
+        return self.used / self.blocks if self.blocks else 0.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Everything Admin, metrics and export read about the engine, at one moment."""
+
+    base_model: str
+    model_fingerprint: str
+    device: str
+    dtype: str
+    quantization: str
+    pinned: str | None
+    usage: EngineUsage
+    host_cache: CacheInfo
+    merge_cache: CacheInfo
+    slots: SlotInfo
+    kv: KvInfo
+    max_batch_rows: int
+    max_batch_tokens: int
+    last_step_tokens: int
+
+
 def _served_names(seqs: list[Sequence]) -> tuple[str, ...]:
     kinds = (RESOLVED_ADAPTER, RESOLVED_MERGE)
     return tuple(sorted({s.resolution.name for s in seqs if s.resolution.kind in kinds}))
-
-
-@dataclass
-class _Swap:
-    """A queued pin (deltas set) or unpin (deltas None) and its outcome."""
-
-    deltas: dict | None
-    label: str | None
-    done: threading.Event = field(default_factory=threading.Event)
-    seconds: float = 0.0
-    error: Exception | None = None
 
 
 def selection_label(selection: GenerationRequest) -> str:
@@ -556,10 +482,10 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(i for i in ids if i is not None)
 
 
-def _max_len(loaded: LoadedModel, configured: int) -> int:
+def max_sequence_length(loaded: LoadedModel, configured: int) -> int:
     cfg = loaded.model.config
     limit = min(configured, getattr(cfg, "max_position_embeddings", configured) or configured)
-    # Rows share a left-padded cache; beyond a sliding window the layers would crop
-    # it, so sequences are capped at the window and every layer stays a plain cache.
+    # Attention here covers every earlier token; beyond a sliding window the model
+    # would attend to fewer, so sequences are capped at the window.
     window = getattr(cfg, "sliding_window", None)
     return min(limit, window) if window else limit

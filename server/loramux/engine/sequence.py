@@ -36,6 +36,13 @@ class Sequence:
     requested: LoraAdapter | None = None  # the adapter or merge the request named
     pin_epoch: int = 0  # the engine's pin epoch `adapter` was made for
     slot: int = NO_SLOT  # device slot while admitted
+    # KV state (see engine/kv_cache.py): blocks in position order, how many of
+    # prompt + generated tokens have their keys/values in them, the hashes of the
+    # full computed blocks (prefix cache chain) and the weights' identity.
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_hashes: list = field(default_factory=list)
+    admitted_at: int = -1  # admission order among running rows (preemption takes the youngest)
     resolution: Resolution = field(default_factory=Resolution)
     # time.monotonic() stamps: accepted by submit, first forward step, first token.
     submitted_at: float = field(default_factory=time.monotonic)
@@ -50,6 +57,31 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: the positions this row has (or will have) KV for."""
+        return len(self.prompt_ids) + len(self.generated)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of prompt + generated."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.generated[start - p : end - p]
+        return self.prompt_ids[start:] + self.generated[: end - p]
+
+    @property
+    def started(self) -> bool:
+        """Some token was generated: the row is mid-flight even when preempted."""
+        return bool(self.generated)
+
+    @property
+    def kv_identity(self) -> str:
+        """What the row's keys/values depend on besides its tokens: its weights
+        (adapter or mix content, base) and the pin epoch of the base weights."""
+        return f"{self.slot_key or 'base'}|pin{self.pin_epoch}"
 
     @property
     def slot_key(self) -> str | None:

@@ -23,26 +23,23 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary("ListAdapters")
     async def ListAdapters(self, request, context):
-        store = self.state.ready().engine.store
-        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in store.list()])
+        engine = self.state.ready().engine
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in engine.list_adapters()])
 
     @unary("LoadAdapter")
     async def LoadAdapter(self, request, context):
         st = self.state.ready()
-        store = st.engine.store
-        await st.runner.call(store.pin if request.keep else store.load, request.name)
-        info = next((a for a in store.list() if a.name == request.name), None)
+        await st.runner.call(st.engine.load_adapter, request.name, request.keep)
+        info = next((a for a in st.engine.list_adapters() if a.name == request.name), None)
         if info is None:  # evicted again at once: the cache is too small for it
             raise FailedPrecondition(f"adapter {request.name!r} loaded but was evicted at once")
         return convert.adapter_info(info)
 
     @unary("UnloadAdapter")
     async def UnloadAdapter(self, request, context):
-        store = self.state.ready().engine.store
+        engine = self.state.ready().engine
         validate_adapter_name(request.name)
-        if any(a.name == request.name and a.pinned for a in store.list()):
-            store.unpin(request.name)  # unload drops the operator's keep as well
-        store.unload(request.name)
+        engine.unload_adapter(request.name)
         return pb.UnloadAdapterResponse()
 
     # ---- named merges --------------------------------------------------------
@@ -51,18 +48,17 @@ class AdminService(pb_grpc.AdminServicer):
     async def CreateMerge(self, request, context):
         st = self.state.ready()
         spec = convert.mix_spec(request.mix)
-        report = await st.runner.call(st.engine.merges.create, request.name, spec, request.replace)
+        report = await st.runner.call(st.engine.create_merge, request.name, spec, request.replace)
         return convert.merge_info(request.name, spec, report)
 
     @unary("ListMerges")
     async def ListMerges(self, request, context):
-        merges = self.state.ready().engine.merges
-        named = sorted(merges.list().items())
-        return pb.ListMergesResponse(merges=[convert.merge_info(n, s, merges.report_of(n)) for n, s in named])
+        merges = self.state.ready().engine.list_merges()
+        return pb.ListMergesResponse(merges=[convert.merge_info(n, s, report) for n, s, report in merges])
 
     @unary("DeleteMerge")
     async def DeleteMerge(self, request, context):
-        self.state.ready().engine.merges.delete(request.name)
+        self.state.ready().engine.delete_merge(request.name)
         return pb.DeleteMergeResponse()
 
     # ---- pinning -------------------------------------------------------------
@@ -119,23 +115,27 @@ class AdminService(pb_grpc.AdminServicer):
     @unary("ServerInfo")
     async def ServerInfo(self, request, context):
         st = self.state.ready()
-        e, usage = st.engine, st.runner.usage
-        loaded, host, merges = e.loaded, e.store.cache, e.merges.cache
+        info, usage = st.engine.info(), st.runner.usage
+        host, merges, kv = info.host_cache, info.merge_cache, info.kv
         return pb.ServerInfoResponse(
             version=loramux.__version__,
-            base_model=loaded.spec.name,
-            model_fingerprint=loaded.spec.fingerprint,
-            device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."),
-            quantization=loaded.quantization,
-            pinned=e.pinned or "",
+            base_model=info.base_model,
+            model_fingerprint=info.model_fingerprint,
+            device=info.device,
+            dtype=info.dtype,
+            quantization=info.quantization,
+            pinned=info.pinned or "",
             adapter_cache=convert.cache_usage(host.capacity_bytes, host.bytes_used, host.count),
             merge_cache=convert.cache_usage(merges.capacity_bytes, merges.bytes_used, merges.count),
-            device_slots=e.pool.num_slots,
-            device_slots_used=len(e.pool.resident()),
-            max_rank=e.pool.max_rank,
+            device_slots=info.slots.num_slots,
+            device_slots_used=info.slots.used,
+            max_rank=info.slots.max_rank,
             running_requests=usage.running,
             waiting_requests=usage.waiting,
-            max_batch_rows=e.config.max_batch_rows,
+            max_batch_rows=info.max_batch_rows,
             merge_methods=sorted(METHODS),
+            kv_cache=convert.cache_usage(kv.capacity_bytes, kv.capacity_bytes * kv.used // max(kv.blocks, 1), kv.used),
+            kv_blocks=kv.blocks,
+            kv_block_size=kv.block_size,
+            max_batch_tokens=info.max_batch_tokens,
         )

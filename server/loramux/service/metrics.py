@@ -28,6 +28,7 @@ PREFIX = "loramux"
 # Seconds, from a fast CPU decode step (tens of ms) to long generations.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Metrics:
@@ -55,6 +56,8 @@ class Metrics:
         self.generated_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", registry=registry)
         self.step = hist("step_duration_seconds", "Duration of one engine step (prefill and/or decode)")
         self.rows = hist("batch_rows", "Rows decoding together in one step", buckets=_ROW_BUCKETS)
+        self.step_tokens = hist("step_tokens", "Tokens one forward step computed (decode plus prefill chunks)",
+                                buckets=_TOKEN_BUCKETS)
         self.merge = hist("merge_duration_seconds", "Time to merge a mix (cache misses), by method", ["method"])
         self.swap = hist("pin_swap_duration_seconds", "Time to fold in or restore base weights", ["op"])
         self.pinned = Gauge(
@@ -64,10 +67,12 @@ class Metrics:
 
     # ---- recorded by the engine thread ----------------------------------------
 
-    def observe_step(self, seconds: float, rows: int) -> None:
+    def observe_step(self, seconds: float, rows: int, tokens: int) -> None:
         self.step.observe(seconds)
         if rows:
             self.rows.observe(rows)
+        if tokens:
+            self.step_tokens.observe(tokens)
 
     def observe_inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
@@ -120,8 +125,10 @@ class StateCollector:
         yield _gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible name)", waiting)
         if st is None:
             return
-        yield _lora_info(st.engine.pool.num_slots, usage)
-        yield from _cache_metrics(st.engine)
+        info = st.engine.info()
+        yield _lora_info(info.slots.num_slots, usage)
+        yield from _cache_metrics(info)
+        yield from _kv_metrics(info.kv)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -141,17 +148,16 @@ def _lora_info(max_lora: int, usage) -> GaugeMetricFamily:
     return g
 
 
-def _cache_metrics(engine):
+def _cache_metrics(info):
     """Hits, misses, evictions, bytes and entries per tier: host (raw adapters),
     merge (merged mixes), device (slots)."""
-    host, merge, pool = engine.store.cache, engine.merges.cache, engine.pool
-    tiers = {"host": host.stats, "merge": merge.stats}
+    host, merge, slots = info.host_cache, info.merge_cache, info.slots
+    tiers = {"host": host.stats, "merge": merge.stats, "device": slots.stats}
     for what, doc in (("hits", "Lookups that found the entry"), ("misses", "Lookups that did not"),
                       ("evictions", "Entries evicted to make room")):
         c = CounterMetricFamily(f"{PREFIX}_adapter_cache_{what}", f"{doc}, per cache tier", labels=["tier"])
         for tier, stats in tiers.items():
             c.add_metric([tier], getattr(stats, what))
-        c.add_metric(["device"], getattr(pool.stats, what))
         yield c
     used = GaugeMetricFamily(f"{PREFIX}_adapter_cache_bytes", "Bytes held, per cache tier", labels=["tier"])
     cap = GaugeMetricFamily(f"{PREFIX}_adapter_cache_capacity_bytes", "Byte capacity, per tier", labels=["tier"])
@@ -160,15 +166,33 @@ def _cache_metrics(engine):
         used.add_metric([tier], cache.bytes_used)
         cap.add_metric([tier], cache.capacity_bytes)
         count.add_metric([tier], cache.count)
-    used.add_metric(["device"], pool.nbytes)
-    cap.add_metric(["device"], pool.nbytes)
-    count.add_metric(["device"], len(pool.resident()))
+    used.add_metric(["device"], slots.nbytes)
+    cap.add_metric(["device"], slots.nbytes)
+    count.add_metric(["device"], slots.used)
     yield from (used, cap, count)
-    load = SummaryMetricFamily(
+    yield SummaryMetricFamily(
         f"{PREFIX}_adapter_load_seconds", "Time spent reading and validating adapters from disk",
-        count_value=tiers["host"].loads, sum_value=tiers["host"].load_seconds_total,
+        count_value=host.stats.loads, sum_value=host.stats.load_seconds_total,
     )
-    yield load
+
+
+def _kv_metrics(kv):
+    """The paged KV cache: blocks by state, usage as vLLM names it, prefix-cache
+    lookups and hits (in tokens), evictions of cached blocks and preemptions."""
+    yield _gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks owned by requests (0-1)", kv.usage)
+    blocks = GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks", "KV-cache blocks by state", labels=["state"])
+    for state, n in (("used", kv.used), ("cached", kv.cached), ("free", kv.free)):
+        blocks.add_metric([state], n)
+    yield blocks
+    yield _gauge(f"{PREFIX}_kv_cache_capacity_bytes", "Bytes of the KV-cache pool", kv.capacity_bytes)
+    s = kv.stats
+    for name, doc, value in (
+        ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_queries),
+        ("prefix_cache_hits", "Prompt tokens whose keys/values the prefix cache held", s.prefix_hits),
+        ("kv_cache_evictions", "Cached prefix blocks reclaimed for new tokens", s.evictions),
+        ("preemptions", "Running requests whose KV blocks were taken back (recomputed later)", s.preemptions),
+    ):
+        yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -205,8 +205,7 @@ class EngineRunner:
             log.exception("engine step failed; aborting the requests in the engine")
             self._fail(self.engine.abort_all(), e)
             return
-        rows = self.engine.num_running
-        self.metrics.observe_step(time.perf_counter() - t0, rows)
+        self.metrics.observe_step(time.perf_counter() - t0, self.engine.num_running, self.engine.last_step_tokens)
         self._publish_usage()
         now = time.monotonic()
         for ev in events:
