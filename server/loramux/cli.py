@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from loramux.cliargs import add_base_model_args
-from loramux.config import AdapterConfig, EngineConfig, ModelConfig, SlotConfig
+from loramux.config import AdapterConfig, EngineConfig, KvCacheConfig, ModelConfig, SlotConfig
 from loramux.errors import LoramuxError
 from loramux_client import (
     DEFAULT_TARGET,
@@ -68,6 +68,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-cache-bytes", type=int, default=AdapterConfig.host_cache_bytes)
     g.add_argument("--slots", type=int, default=SlotConfig.num_slots,
                    help="distinct adapters one forward step can serve")
+    g = p.add_argument_group("engine")
+    g.add_argument("--kv-cache-bytes", type=int, default=KvCacheConfig.bytes,
+                   help="size of the paged KV cache (default: room for --max-batch-rows full-length rows, "
+                        "at most a quarter of the memory available)")
+    g.add_argument("--kv-block-size", type=int, default=KvCacheConfig.block_size,
+                   help="tokens per KV-cache block (default: %(default)s)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV of prompts that share a prefix")
+    g.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
+                   help="tokens one forward step packs (default: %(default)s)")
+    g.add_argument("--prefill-chunk-tokens", type=int, default=EngineConfig.prefill_chunk_tokens,
+                   help="prompt tokens a step takes while other rows decode (default: %(default)s)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -77,6 +89,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         adapters=AdapterConfig(roots=args.adapter_root, max_rank=args.max_rank,
                                host_cache_bytes=args.host_cache_bytes),
         slots=SlotConfig(num_slots=args.slots),
+        kv_cache=KvCacheConfig(bytes=args.kv_cache_bytes, block_size=args.kv_block_size,
+                               prefix_caching=args.prefix_caching),
+        max_batch_tokens=args.max_batch_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
     ).validate()
 
 

@@ -79,3 +79,9 @@ def test_prometheus_scrapes_and_histogram_quantile_of_ttft_is_a_number(prometheu
     assert info[0]["metric"]["max_lora"] == "8"
     hits = _poll(prometheus, 'loramux_adapter_cache_hits_total{tier="host"}')
     assert float(hits[0]["value"][1]) >= 1
+    usage = float(_poll(prometheus, "vllm:kv_cache_usage_perc")[0]["value"][1])
+    assert 0 <= usage <= 1
+    blocks = {r["metric"]["state"]: float(r["value"][1]) for r in _poll(prometheus, "loramux_kv_cache_blocks")}
+    assert set(blocks) == {"used", "cached", "free"} and sum(blocks.values()) > 0
+    assert float(_poll(prometheus, "loramux_prefix_cache_queries_total")[0]["value"][1]) >= 1
+    assert float(_poll(prometheus, "loramux_step_tokens_count")[0]["value"][1]) >= 1

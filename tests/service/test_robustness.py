@@ -32,8 +32,11 @@ def _wait_idle(server, timeout=15.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         g = _gauges(server)
-        if g["loramux_requests_running"] == g["loramux_requests_waiting"] == 0 and server.server.state.runner.outstanding == 0:
-            return g
+        if (
+            g["loramux_requests_running"] == g["loramux_requests_waiting"] == g["vllm:kv_cache_usage_perc"] == 0
+            and server.server.state.runner.outstanding == 0
+        ):
+            return g  # no row, no owned KV block left behind
         time.sleep(0.05)
     raise AssertionError(f"server did not go idle: {_gauges(server)}")
 

@@ -122,3 +122,27 @@ def test_toml_config_is_validated_with_clear_errors(tmp_path):
         ServerConfig(tls_key=good).validate()
     with pytest.raises(InvalidArgument, match="port"):
         ServerConfig(port=70000).validate()
+
+
+def test_engine_and_kv_cache_settings_from_toml_and_flags(tmp_path):
+    import argparse
+
+    from loramux.service.main import add_serve_args, serve_configs
+
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text('[engine]\nmax_batch_tokens = 512\nprefill_chunk_tokens = 32\n'
+                   '[kv_cache]\nbytes = 100000000\nblock_size = 8\nprefix_caching = false\n')
+    engine, _ = load_toml(cfg)
+    assert (engine.max_batch_tokens, engine.prefill_chunk_tokens) == (512, 32)
+    assert (engine.kv_cache.bytes, engine.kv_cache.block_size, engine.kv_cache.prefix_caching) == (100000000, 8, False)
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    engine, _ = serve_configs(p.parse_args(["--config", str(cfg), "--max-batch-tokens", "1024", "--kv-block-size", "32"]))
+    assert engine.max_batch_tokens == 1024 and engine.kv_cache.block_size == 32  # flags win
+    assert engine.prefill_chunk_tokens == 32 and engine.kv_cache.prefix_caching is False  # the file's
+    for text, words in {"[kv_cache]\nprefix_caching = 1\n": "prefix_caching",
+                        "[kv_cache]\nblock_size = 0\n": "block_size",
+                        "[engine]\nmax_batch_tokens = 4\n": "max_batch_tokens"}.items():
+        cfg.write_text(text)
+        with pytest.raises(InvalidArgument, match=words):
+            load_toml(cfg)[0].validate()

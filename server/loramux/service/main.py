@@ -245,6 +245,8 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
         engine = _overlay_engine(engine, flags_engine, explicit)
     if "max_batch_rows" in explicit or args.config is None:
         engine.max_batch_rows = args.max_batch_rows
+        if "max_batch_tokens" not in explicit and engine.max_batch_tokens < engine.max_batch_rows:
+            engine.max_batch_tokens = engine.max_batch_rows  # every row decodes a token per step
     server = replace(server, **{k: getattr(args, k) for k in _SERVER_FLAGS if k in explicit})
     return engine.validate(), server.validate()
 
@@ -255,13 +257,17 @@ _ENGINE_FLAGS = {
     "dtype": ("model", "dtype"), "quantization": ("model", "quantization"),
     "adapter_root": ("adapters", "roots"), "max_rank": ("adapters", "max_rank"),
     "host_cache_bytes": ("adapters", "host_cache_bytes"), "slots": ("slots", "num_slots"),
+    "kv_cache_bytes": ("kv_cache", "bytes"), "kv_block_size": ("kv_cache", "block_size"),
+    "prefix_caching": ("kv_cache", "prefix_caching"),
+    "max_batch_tokens": (None, "max_batch_tokens"), "prefill_chunk_tokens": (None, "prefill_chunk_tokens"),
 }
 
 
 def _overlay_engine(base: EngineConfig, flags: EngineConfig, explicit: set[str]) -> EngineConfig:
     for dest, (section, name) in _ENGINE_FLAGS.items():
         if dest in explicit:
-            setattr(getattr(base, section), name, getattr(getattr(flags, section), name))
+            into, source = (base, flags) if section is None else (getattr(base, section), getattr(flags, section))
+            setattr(into, name, getattr(source, name))
     return base
 
 
