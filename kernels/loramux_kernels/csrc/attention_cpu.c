@@ -30,10 +30,10 @@
 #define QROWS 16 /* query rows (token, head) a task holds at once */
 
 struct args {
-    const int64_t *slot_mapping, *query_start, *context_lens, *block_tables;
-    int64_t max_blocks, block_size, hkv, d, hq, q_tok, q_head;
-    const float *k_pool, *v_pool, *q;
-    float *out, scale, softcap;
+    const int64_t *slot_mapping, *query_start, *context_lens, *block_tables, *short_seqs;
+    int64_t n, n_short, max_blocks, block_size, hkv, d, hq, q_tok, q_head, key_tok, key_head, value_tok, value_head;
+    const float *q, *key, *value;
+    float *k_pool, *v_pool, *out, scale, softcap;
 };
 
 /* e^x for x <= 0, vectorizable (libm's expf is not, without -ffast-math): 2^(x log2 e)
@@ -99,6 +99,8 @@ static void add_values(float *restrict acc, const float *restrict p, const float
     }
 }
 
+static inline int64_t pool_row(const int64_t *table, int64_t p, int64_t bs) { return table[p / bs] * bs + p % bs; }
+
 /* Sequence s, kv head g: its query rows r = j * G + (h - g * G), QROWS at a time. */
 static void attend(const struct args *a, int64_t s, int64_t g)
 {
@@ -121,8 +123,17 @@ static void attend(const struct args *a, int64_t s, int64_t g)
             const int64_t nk = keys - k0 < TILE ? keys - k0 : TILE;
             const float *kr[TILE], *vr[TILE];
             for (int64_t i = 0; i < nk; i++) {
-                const int64_t p = k0 + i, row = (table[p / bs] * bs + p % bs) * a->hkv + g;
+                const int64_t p = k0 + i, row = pool_row(table, p, bs) * a->hkv + g;
                 kr[i] = a->k_pool + row * d, vr[i] = a->v_pool + row * d;
+                /* The next tile's rows: the blocks lie anywhere, beyond what the
+                 * hardware prefetchers guess (measured 25% faster from DRAM). */
+                if (p + TILE < keys) {
+                    const int64_t next = pool_row(table, p + TILE, bs) * a->hkv + g;
+                    for (int64_t c = 0; c < d; c += 16) {
+                        __builtin_prefetch(a->k_pool + next * d + c);
+                        __builtin_prefetch(a->v_pool + next * d + c);
+                    }
+                }
             }
             for (int64_t r = 0; r < nr; r++) {
                 const int64_t nv = last[r] + 1 - k0 < nk ? last[r] + 1 - k0 : nk; /* causal */
@@ -169,35 +180,45 @@ static void attend(const struct args *a, int64_t s, int64_t g)
  *           value_head, out}
  * work is sum(q_len * context_len) over short_seqs; more threads than one only when
  * work * Hq * D >= parallel_work. */
+/* Every new row written, then (after the loop's barrier) every short sequence's
+ * attention; worksharing loops, run by the calling team (one thread outside a
+ * parallel region, where OpenMP costs nothing). */
+static void step_work(const struct args *a)
+{
+    const int64_t hkv = a->hkv, d = a->d;
+    if (a->key) {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < a->n; t++)
+            for (int64_t g = 0; g < hkv; g++) {
+                const int64_t dst = (a->slot_mapping[t] * hkv + g) * d;
+                memcpy(a->k_pool + dst, a->key + t * a->key_tok + g * a->key_head, d * sizeof(float));
+                memcpy(a->v_pool + dst, a->value + t * a->value_tok + g * a->value_head, d * sizeof(float));
+            }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < a->n_short * hkv; i++)
+        attend(a, a->short_seqs[i / hkv], i % hkv);
+}
+
 void lmx_paged_attention_f32(const int64_t *step, const int64_t *pools, const int64_t *call, double scale,
                              double softcap)
 {
     const struct args a = {
         .slot_mapping = (const int64_t *)(intptr_t)step[0], .query_start = (const int64_t *)(intptr_t)step[1],
         .context_lens = (const int64_t *)(intptr_t)step[2], .block_tables = (const int64_t *)(intptr_t)step[3],
-        .max_blocks = step[4], .block_size = step[5], .hkv = pools[2], .d = pools[3], .hq = call[3],
-        .q_tok = call[1], .q_head = call[2], .k_pool = (const float *)(intptr_t)pools[0],
-        .v_pool = (const float *)(intptr_t)pools[1], .q = (const float *)(intptr_t)call[0],
+        .max_blocks = step[4], .block_size = step[5], .n = step[6], .n_short = step[7],
+        .short_seqs = (const int64_t *)(intptr_t)step[8],
+        .k_pool = (float *)(intptr_t)pools[0], .v_pool = (float *)(intptr_t)pools[1], .hkv = pools[2], .d = pools[3],
+        .q = (const float *)(intptr_t)call[0], .q_tok = call[1], .q_head = call[2], .hq = call[3],
+        .key = (const float *)(intptr_t)call[4], .key_tok = call[5], .key_head = call[6],
+        .value = (const float *)(intptr_t)call[7], .value_tok = call[8], .value_head = call[9],
         .out = (float *)(intptr_t)call[10], .scale = (float)scale, .softcap = (float)softcap,
     };
-    const int64_t n = step[6], n_short = step[7], *short_seqs = (const int64_t *)(intptr_t)step[8];
-    const int64_t hkv = a.hkv, d = a.d, row = hkv * d;
-    const float *key = (const float *)(intptr_t)call[4], *value = (const float *)(intptr_t)call[7];
-    float *k_pool = (float *)(intptr_t)pools[0], *v_pool = (float *)(intptr_t)pools[1];
-    const int64_t threads = step[10] * a.hq * d >= step[11] ? step[9] : 1;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        if (key) {
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < n; t++)
-                for (int64_t g = 0; g < hkv; g++) {
-                    const int64_t dst = a.slot_mapping[t] * row + g * d;
-                    memcpy(k_pool + dst, key + t * call[5] + g * call[6], d * sizeof(float));
-                    memcpy(v_pool + dst, value + t * call[8] + g * call[9], d * sizeof(float));
-                }
-        } /* the loop's barrier: every row is written before any is read */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n_short * hkv; i++)
-            attend(&a, short_seqs[i / hkv], i % hkv);
+    const int64_t threads = step[10] * a.hq * a.d >= step[11] ? step[9] : 1;
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        step_work(&a);
+    } else {
+        step_work(&a);
     }
 }

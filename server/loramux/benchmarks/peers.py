@@ -20,9 +20,11 @@ Workloads (`--workloads` picks a subset; all by default):
                 lengths uniform in 16..2,000 tokens, adapters round robin
 Every request is greedy with EOS ignored, so both systems make exactly the same
 number of tokens; prompts have exact token counts, and every prompt is unique
-(a serial number leads it), so vLLM's prefix cache never replays earlier work
-(loramux has none). Each request's reported prompt and completion token counts
-are checked against the plan on both systems.
+(a serial number leads it), so neither system's prefix cache replays earlier
+work. Each request's reported prompt and completion token counts are checked
+against the plan on both systems. Both get the same limits: context length,
+tokens per step, rows at once and KV-cache bytes (`--max-seq-len`,
+`--max-batch-tokens`, `--max-rows`, `--kv-cache-gib`; loramux's defaults).
 
 Rounds alternate which system goes first (machine noise hits both); each
 system's figures are medians over rounds of per-round figures: tokens/s
@@ -59,7 +61,7 @@ import numpy as np
 
 from loramux.benchmarks.serving import RequestSample, RoundStats, _gaps, summarize
 from loramux.cliargs import module_main
-from loramux.config import ModelConfig
+from loramux.config import EngineConfig, ModelConfig
 from loramux.errors import InvalidArgument, LoramuxError
 
 COMMAND = "python -m loramux.benchmarks.peers"
@@ -602,6 +604,19 @@ def _tcmalloc() -> str | None:
     return find_shared_library("libtcmalloc_minimal.so.4", listing)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What both systems are held to. max_seq_len: prompt + new tokens of a
+    request (vLLM --max-model-len); max_batch_tokens: tokens one step packs
+    (--max-num-batched-tokens); max_rows: requests running at once
+    (--max-num-seqs); kv_gib: KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
+
+    max_seq_len: int
+    max_batch_tokens: int
+    max_rows: int
+    kv_gib: int
+
+
 def vllm_env(venv: Path, cpus: str, kv_gib: int, base: dict[str, str], tcmalloc: str | None) -> dict[str, str]:
     """The server's environment, per vLLM's CPU docs: tcmalloc then the venv's
     Intel OpenMP preloaded (each if present), KV cache size, OpenMP threads bound
@@ -626,14 +641,12 @@ def vllm_rank(rank: int) -> int:
 
 
 def vllm_command(python: Path, model_dir: Path, served_name: str, adapters: dict[str, Path], rank: int,
-                 port: int, max_model_len: int) -> list[str]:
-    """`vllm serve` for the model and adapters on LOOPBACK:port, float32.
-    max-num-batched-tokens = max-model-len, so the longest prompt prefills in one
-    step (as loramux does) instead of in chunks."""
+                 port: int, limits: Limits) -> list[str]:
+    """`vllm serve` for the model and adapters on LOOPBACK:port, float32, held to `limits`."""
     cmd = [str(python), "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
            "--host", LOOPBACK, "--port", str(port), "--served-model-name", served_name,
-           "--dtype", "float32", "--max-model-len", str(max_model_len),
-           "--max-num-batched-tokens", str(max_model_len),
+           "--dtype", "float32", "--max-model-len", str(limits.max_seq_len),
+           "--max-num-batched-tokens", str(limits.max_batch_tokens), "--max-num-seqs", str(limits.max_rows),
            "--generation-config", "vllm",  # vLLM's own sampling defaults, not the model dir's
            "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log"]
     if adapters:
@@ -721,7 +734,7 @@ class VllmServer:
 
 @contextlib.contextmanager
 def vllm_server(python: Path, model_dir: Path, adapters: dict[str, Path], rank: int, *, cpus: str,
-                kv_gib: int, max_model_len: int, start_timeout: float, log: Path) -> Iterator[VllmServer]:
+                limits: Limits, start_timeout: float, log: Path) -> Iterator[VllmServer]:
     """vLLM's OpenAI server, healthy, as a subprocess in its own session (so a ^C
     here reaches it only through the ordered stop); stopped on exit, whatever
     the exit."""
@@ -729,8 +742,8 @@ def vllm_server(python: Path, model_dir: Path, adapters: dict[str, Path], rank: 
     if served in adapters:
         raise InvalidArgument(f"an adapter is named like the model directory ({served})")
     port = free_port()
-    cmd = vllm_command(python, model_dir, served, adapters, rank, port, max_model_len)
-    env = vllm_env(python.parent.parent, cpus, kv_gib, dict(os.environ), _tcmalloc())
+    cmd = vllm_command(python, model_dir, served, adapters, rank, port, limits)
+    env = vllm_env(python.parent.parent, cpus, limits.kv_gib, dict(os.environ), _tcmalloc())
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -747,11 +760,11 @@ def vllm_server(python: Path, model_dir: Path, adapters: dict[str, Path], rank: 
 # ---- loramux in-process -----------------------------------------------------------------
 
 
-def start_loramux(args: argparse.Namespace, dirs: dict[str, Path], rank: int, rows: int, max_seq_len: int):
+def start_loramux(args: argparse.Namespace, dirs: dict[str, Path], rank: int, limits: Limits):
     """An in-process server on a loopback port, as serving.py starts one: CPU,
-    float32, unquantized, no metrics, a slot per adapter, `rows` batch rows."""
+    float32, unquantized, no metrics, a slot per adapter, held to `limits`."""
     from loramux.app import build_engine
-    from loramux.config import AdapterConfig, EngineConfig, ServerConfig, SlotConfig
+    from loramux.config import AdapterConfig, EngineConfig, KvCacheConfig, ServerConfig, SlotConfig
     from loramux.service.main import ServerThread
 
     engine_cfg = EngineConfig(
@@ -759,14 +772,21 @@ def start_loramux(args: argparse.Namespace, dirs: dict[str, Path], rank: int, ro
                           quantization="none"),
         adapters=AdapterConfig(roots=sorted({p.parent for p in dirs.values()}), max_rank=max(rank, 1)),
         slots=SlotConfig(num_slots=max(SlotConfig.num_slots, len(dirs))),
-        max_batch_rows=max(EngineConfig.max_batch_rows, rows),
-        max_seq_len=max(EngineConfig.max_seq_len, max_seq_len),
+        kv_cache=KvCacheConfig(bytes=limits.kv_gib << 30),
+        max_batch_rows=limits.max_rows, max_seq_len=limits.max_seq_len, max_batch_tokens=limits.max_batch_tokens,
     ).validate()
     server_cfg = ServerConfig(host=LOOPBACK, port=0, metrics_port=-1, grace_seconds=5).validate()
     return ServerThread(server_cfg, lambda: build_engine(engine_cfg))
 
 
 # ---- the run ------------------------------------------------------------------------------
+
+
+def limits_for(args: argparse.Namespace, plans: dict[str, list[RequestSpec]]) -> Limits:
+    """The flags' limits, context length and rows raised to fit the plans."""
+    streams = max((WORKLOADS[w].streams for w in plans), default=1)
+    return Limits(max_seq_len=max(args.max_seq_len, context_needed(plans)), max_batch_tokens=args.max_batch_tokens,
+                  max_rows=max(args.max_rows, streams), kv_gib=args.kv_cache_gib)
 
 
 def _adapter_rank(path: Path) -> int:
@@ -846,15 +866,14 @@ def run_peers(args: argparse.Namespace) -> dict:
         empty = [w for w, p in plans.items() if not p]
         if empty:
             raise InvalidArgument(f"{empty} plan no requests (raise --rate or --duration)")
-        max_len = max(context_needed(plans), args.prompt_tokens + 2)
+        limits = limits_for(args, plans)
         book = PromptBook(AutoTokenizer.from_pretrained(base_dir))
 
         python = ensure_vllm(args.vllm_venv)
         cpus = args.vllm_cpus or format_cpu_list(os.sched_getaffinity(0))
         _say(f"starting vLLM ({python}), OpenMP bound to CPUs {cpus}; log {args.vllm_log}")
         vllm = stack.enter_context(vllm_server(
-            python, base_dir, dirs, rank, cpus=cpus, kv_gib=args.vllm_kv_gib,
-            max_model_len=max(args.max_model_len, max_len), start_timeout=args.vllm_start_timeout,
+            python, base_dir, dirs, rank, cpus=cpus, limits=limits, start_timeout=args.vllm_start_timeout,
             log=args.vllm_log))
         _say(f"vLLM {vllm.version} healthy after {vllm.start_seconds:.1f} s (port {vllm.port})")
 
@@ -862,8 +881,7 @@ def run_peers(args: argparse.Namespace) -> dict:
         if args.target:
             target, pid = args.target, None
         else:
-            rows = max(w.streams for w in map(WORKLOADS.get, args.workloads))
-            target = stack.enter_context(start_loramux(args, dirs, rank, max(rows, 8), max_len)).address
+            target = stack.enter_context(start_loramux(args, dirs, rank, limits)).address
             pid = os.getpid()
         loramux_start = time.perf_counter() - t
         _say(f"loramux at {target}" + ("" if args.target else f", started in {loramux_start:.1f} s"))
@@ -895,7 +913,8 @@ def run_peers(args: argparse.Namespace) -> dict:
         "load_avg_1min": os.getloadavg()[0],
         "loramux": {"target": args.target or "in-process", "start_seconds": None if args.target else loramux_start},
         "vllm": {"version": vllm.version, "start_seconds": vllm.start_seconds, "command": shlex.join(vllm.command),
-                 "kv_cache_gib": args.vllm_kv_gib, "log": str(vllm.log)},
+                 "log": str(vllm.log)},
+        "limits": vars(limits),
         "workloads": workloads,
         "cpu": cpu_summary(windows, [p.name for p in peers]),
     }
@@ -929,9 +948,10 @@ def format_table(report: dict) -> str:
         f"CPUs {r['cpus']} (torch threads {r['torch_threads']}), median of {r['rounds']} rounds"
         f"{' (quick: fewer than 3 rounds, not a result)' if r['rounds'] < 3 else ''}, "
         f"load average {r['load_avg_1min']:.1f} at the end",
-        f"vLLM {v['version']}: started in {v['start_seconds']:.1f} s, KV cache {v['kv_cache_gib']} GiB; "
-        f"loramux {r['loramux']['target']}"
+        f"vLLM {v['version']}: started in {v['start_seconds']:.1f} s; loramux {r['loramux']['target']}"
         + (f", started in {r['loramux']['start_seconds']:.1f} s" if r["loramux"]["start_seconds"] else ""),
+        "limits, both: {max_seq_len} tokens a request, {max_batch_tokens} a step, {max_rows} rows, "
+        "KV cache {kv_gib} GiB".format(**r["limits"]),
         "",
         f"{'workload':13s} {'system':8s} {'reqs':>4s} {'tok/s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
         f"{'ITL p50':>8s} {'ITL p99':>8s}  (ms)",
@@ -982,6 +1002,14 @@ def add_peers_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapters", type=int, default=8, help="random adapters to generate (default: %(default)s)")
     g.add_argument("--rank", type=int, default=16, help="rank of generated adapters (default: %(default)s)")
     g.add_argument("--adapter-root", type=Path, help="use the PEFT adapters under this directory instead")
+    g = p.add_argument_group("limits, the same for both systems (with --target, for vLLM only)")
+    g.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len, help="prompt + new tokens "
+                   "of a request at most; raised to fit the workloads (default: %(default)s)")
+    g.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
+                   help="tokens one step packs (default: %(default)s)")
+    g.add_argument("--max-rows", type=int, default=EngineConfig.max_batch_rows,
+                   help="requests running at once (default: %(default)s)")
+    g.add_argument("--kv-cache-gib", type=int, default=2, help="KV-cache size (default: %(default)s)")
     g = p.add_argument_group("systems")
     g.add_argument("--target", help="HOST:PORT of a running loramux serving --model and --adapter-root "
                    "(default: start one in this process)")
@@ -992,9 +1020,6 @@ def add_peers_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for vLLM's /health (default: %(default)s)")
     g.add_argument("--vllm-cpus", help="VLLM_CPU_OMP_THREADS_BIND, e.g. 0-7 (default: the CPUs this "
                    "process may run on)")
-    g.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=4096, help="vLLM's context length; raised to fit "
-                   "the longest planned request (default: %(default)s)")
     g.add_argument("--vllm-log", type=Path, default=Path(tempfile.gettempdir()) / f"loramux-peers-vllm-{os.getpid()}.log",
                    help="vLLM's stdout and stderr (default: a file in the temp dir, kept)")
     p.set_defaults(command_line=None)
@@ -1019,8 +1044,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.target and uses_adapters and args.adapter_root is None:
         raise InvalidArgument("with --target, give --adapter-root: the adapters the target serves "
                               "(vLLM loads the same directories)")
-    if args.vllm_kv_gib < 1 or args.vllm_start_timeout <= 0:
-        raise InvalidArgument("--vllm-kv-gib must be >= 1 and --vllm-start-timeout > 0")
+    if min(args.kv_cache_gib, args.max_rows, args.max_seq_len) < 1 or args.vllm_start_timeout <= 0:
+        raise InvalidArgument("--kv-cache-gib, --max-rows and --max-seq-len must be >= 1, "
+                              "--vllm-start-timeout > 0")
+    if args.max_batch_tokens < args.max_rows:
+        raise InvalidArgument("--max-batch-tokens must be at least --max-rows (a decode token per row)")
 
 
 def cmd_peers(args: argparse.Namespace) -> int:

@@ -208,21 +208,24 @@ class EngineRunner:
         self.metrics.observe_step(time.perf_counter() - t0, self.engine.num_running, self.engine.last_step_tokens)
         self._publish_usage()
         now = time.monotonic()
-        for ev in events:
-            self._dispatch(ev, now)
+        deliveries = [d for d in (self._dispatch(ev, now) for ev in events) if d is not None]
+        if deliveries:
+            # One hand-off to the loop per step, not one per event: each wakes it.
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _publish_usage(self) -> None:
         usage = self.engine.usage()
         with self._lock:
             self._usage.usage = usage
 
-    def _dispatch(self, ev: TokenEvent, now: float) -> None:
+    def _dispatch(self, ev: TokenEvent, now: float) -> tuple[asyncio.Queue, object] | None:
+        """Account for one event; (queue, item) to deliver, or None."""
         with self._lock:
             tracked = self._tracked.get(ev.request_id)
         if tracked is None:
             if ev.result is None:  # nobody listens (its caller left while admitting)
                 self.engine.cancel(ev.request_id)
-            return
+            return None
         if ev.token_id is not None:
             if tracked.last_token_at is not None:
                 self.metrics.observe_inter_token(now - tracked.last_token_at)
@@ -233,7 +236,7 @@ class EngineRunner:
             self._untrack(ev.request_id)
             if ev.result.error is not None:  # ended before running (see Sequence.fail)
                 item = FailedPrecondition(ev.result.error)
-        self._loop.call_soon_threadsafe(tracked.queue.put_nowait, item)
+        return tracked.queue, item
 
     def _fail(self, request_ids: list[str], cause: Exception) -> None:
         err = EngineFailure(f"the engine failed while running this request: {cause!r}")
@@ -243,3 +246,8 @@ class EngineRunner:
             if tracked is not None:
                 self._untrack(rid)
                 self._loop.call_soon_threadsafe(tracked.queue.put_nowait, err)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in deliveries:
+        queue.put_nowait(item)
