@@ -13,7 +13,7 @@ from loramux.merging.pinning import WeightPinner
 from loramux.merging.service import MergeService
 from loramux.model import attention
 from loramux.model.loader import LoadedModel, load_base_model
-from loramux.model.lora_layers import LoraContext, wrap_targets
+from loramux.model.lora_layers import LoraContext, speed_up_head, wrap_targets
 from loramux_kernels import select_backend
 
 
@@ -31,6 +31,7 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Eng
     )
     ctx = LoraContext(backend=select_backend(loaded.device))
     layers = wrap_targets(loaded.model, pool, ctx)
+    speed_up_head(loaded.model, ctx)
     attention.install(loaded.model)
     merges = MergeService(store, config.merges)
     kv = build_kv_cache(config, loaded)

