@@ -689,6 +689,13 @@ def build_parser(defaults: ClientDefaults = ClientDefaults(), command: str | Non
                         description="Run concurrent gRPC streams against a loramux server (started "
                         "here, or --target) and against a PEFT baseline in the same process; report "
                         "tokens/s, time to first token and inter-token latency.", epilog=BENCH_EXAMPLES)
+    add_external_parser(sub, "peers", "loramux.benchmarks.peers", load=external("peers"),
+                        help="benchmark loramux against vLLM's CPU build on the same load",
+                        description="Install (or find) vLLM's CPU build in its own virtual environment, "
+                        "serve the same model and adapters with both systems, run the same load shapes "
+                        "against each over its own protocol, rounds alternated, and report tokens/s, "
+                        "TTFT and ITL with the ratios.", epilog="  loramux peers --rounds 3\n"
+                        "  loramux peers --workloads 8x4-adapters,poisson --json peers.json")
     add_external_parser(sub, "eval", "loramux.skills.eval", load=external("eval"),
                         help="score the base model, adapters and merges on the skill tasks",
                         description="Score the base model, each adapter and each merge on every "
