@@ -189,3 +189,14 @@ def test_kv_metrics_in_info(tiny_llama_dir, adapter_root):
     assert engine.info().last_step_tokens == prompt_len
     _run(engine, [])
     _assert_idle(engine)
+
+
+def test_a_prompt_longer_than_the_step_budget_alone(tiny_llama_dir, adapter_root, reference):
+    # 8 tokens a step and nothing else running: several steps compute prompt
+    # chunks only and sample nothing.
+    engine = _engine(tiny_llama_dir, adapter_root, chunk=8, batch_tokens=8, rows=4)
+    req = _req(LONG, "x")
+    results, steps = _run(engine, [req])
+    assert sum(1 for s in steps if not s) >= 5  # steps without a token
+    assert results[req.request_id].token_ids == _alone(reference, req)
+    _assert_idle(engine)
