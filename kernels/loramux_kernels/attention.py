@@ -15,6 +15,7 @@ consecutive and in position order.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -108,26 +109,37 @@ class AttentionPlan:
         return self._masks[s]
 
 
-def _check(plan: AttentionPlan, k_pool, v_pool, q=None, key=None, value=None) -> None:
-    """ValueError unless the arguments agree with each other and the plan: the
-    kernels index with them unchecked."""
+def _pool_geometry(k_pool: torch.Tensor, v_pool: torch.Tensor) -> tuple[int, int, int, int]:
+    """(num_blocks, block_size, Hkv, D); ValueError unless the pools are a matching
+    contiguous pair."""
+    if not (
+        k_pool.dim() == 4 and k_pool.shape == v_pool.shape and k_pool.dtype == v_pool.dtype
+        and k_pool.device == v_pool.device and k_pool.is_contiguous() and v_pool.is_contiguous()
+    ):
+        raise ValueError(
+            f"k_pool {tuple(k_pool.shape)} {k_pool.dtype} and v_pool {tuple(v_pool.shape)} {v_pool.dtype} "
+            "must be contiguous [num_blocks, block_size, Hkv, D] of one dtype and device"
+        )
+    return tuple(k_pool.shape)
+
+
+def _check(plan: AttentionPlan, geometry, dtype: torch.dtype, q=None, key=None, value=None) -> None:
+    """ValueError unless the arguments agree with the pools' geometry and the plan:
+    the kernels index with them unchecked."""
+    num_blocks, block_size, hkv, d = geometry
     n = plan.num_tokens
-    ok = k_pool.dim() == 4 and k_pool.shape == v_pool.shape and k_pool.dtype == v_pool.dtype
-    ok = ok and k_pool.is_contiguous() and v_pool.is_contiguous()
-    if ok:
-        num_blocks, block_size, hkv, d = k_pool.shape
-        ok = block_size == plan.block_size and plan.max_block < num_blocks
-        if q is not None:
-            hq = q.shape[1] if q.dim() == 4 else 0
-            ok = ok and hq > 0 and hq % hkv == 0 and q.shape == (1, hq, n, d) and q.dtype == k_pool.dtype
-        if key is not None:
-            ok = ok and key.shape == value.shape == (1, hkv, n, d) and key.dtype == value.dtype == k_pool.dtype
+    ok = block_size == plan.block_size and plan.max_block < num_blocks
+    if q is not None:
+        qs = q.shape
+        ok = ok and len(qs) == 4 and qs[1] > 0 and qs[1] % hkv == 0 and qs == (1, qs[1], n, d) and q.dtype == dtype
+    if key is not None:
+        ok = ok and key.shape == value.shape == (1, hkv, n, d) and key.dtype == value.dtype == dtype
     if not ok:
         shape = lambda t: "-" if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch."))  # noqa: E731
         raise ValueError(
-            f"paged attention arguments do not agree: k_pool {shape(k_pool)}, v_pool {shape(v_pool)}, "
-            f"q {shape(q)}, key {shape(key)}, value {shape(value)}, plan for {n} tokens in blocks of "
-            f"{plan.block_size} up to block {plan.max_block}"
+            f"paged attention arguments do not agree: pools {tuple(geometry)} {dtype}, q {shape(q)}, "
+            f"key {shape(key)}, value {shape(value)}, plan for {n} tokens in blocks of {plan.block_size} "
+            f"up to block {plan.max_block}"
         )
 
 
@@ -137,7 +149,7 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, key: torch.Tensor, valu
         k_rows[slot_mapping[t], g, :] = key[0, g, t, :];  v_rows[...] = value[0, g, t, :]
     where k_rows, v_rows are the pools as [num_blocks * block_size, Hkv, D].
     key, value: [1, Hkv, N, D], any strides (transformers' transposed views)."""
-    _check(plan, k_pool, v_pool, key=key, value=value)
+    _check(plan, _pool_geometry(k_pool, v_pool), k_pool.dtype, key=key, value=value)
     hkv, d = k_pool.shape[2:]
     k_pool.view(-1, hkv, d).index_copy_(0, plan.slot_mapping, key[0].transpose(0, 1))
     v_pool.view(-1, hkv, d).index_copy_(0, plan.slot_mapping, value[0].transpose(0, 1))
@@ -148,7 +160,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     """Semantics: `paged_attention_reference(q, k_pool, v_pool, plan, scale, softcap)`,
     in torch ops: per sequence its keys and values gathered from their blocks and one
     scaled_dot_product_attention. q: [1, Hq, N, D], any strides; returns [1, N, Hq, D]."""
-    _check(plan, k_pool, v_pool, q=q)
+    _check(plan, _pool_geometry(k_pool, v_pool), k_pool.dtype, q=q)
     out = q.new_empty(1, plan.num_tokens, q.shape[1], q.shape[3])
     _attend_torch(out, q, k_pool, v_pool, plan, range(len(plan.q_lens_host)), scale, softcap)
     return out
@@ -196,9 +208,12 @@ class PagedAttention:
     value and out.
     """
 
-    max_native_q_len = 16
+    # Measured on one sequence (SmolLM2 shapes, one thread): C is faster up to 8 new
+    # tokens over 200 keys and up to 4-6 over 2000; past that SDPA's GEMMs win (16
+    # tokens over 2000 keys: 1.6x).
+    max_native_q_len = 6
     # Below this many multiply-adds (q·k) a second thread costs more than it saves.
-    parallel_work = 1 << 16
+    parallel_work = 1 << 17
 
     def __init__(self, lib=None):
         self._fn = None if lib is None else lib.lmx_paged_attention_f32
@@ -211,8 +226,8 @@ class PagedAttention:
         self._step_ptr = self._step.ctypes.data
         self._call = np.zeros(11, dtype=np.int64)
         self._call_ptr = self._call.ctypes.data
-        # id(k_pool) -> (k_pool, v_pool, pointer to its args, args): the pools are
-        # held, so an id is never reused while its entry lives.
+        # id(k_pool) -> (k_pool, v_pool as weak references: a replaced cache is freed,
+        # geometry, pointer to its args, args)
         self._pools: dict[int, tuple] = {}
 
     def __call__(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pool: torch.Tensor,
@@ -223,15 +238,18 @@ class PagedAttention:
         q: [1, Hq, N, D], key, value: [1, Hkv, N, D], any strides; returns [1, N, Hq, D]."""
         if plan is not self._plan:
             self._start_plan(plan)
-        _check(plan, k_pool, v_pool, q, key, value)
-        pools = self._pools.get(id(k_pool)) if self._native_plan else None
-        if pools is None or pools[1] is not v_pool:
-            pools = self._pool_args(k_pool, v_pool) if self._native_plan else None
-        qst, kst, vst = q.stride(), key.stride(), value.stride()
-        if (
-            pools is None or q.dtype is not torch.float32 or not (q.is_cpu and key.is_cpu and value.is_cpu)
-            or qst[3] != 1 or kst[3] != 1 or vst[3] != 1 or torch.is_grad_enabled()
-        ):
+        pools = self._pools.get(id(k_pool))
+        if pools is None or pools[0]() is not k_pool or pools[1]() is not v_pool:
+            pools = self._pool_args(k_pool, v_pool)
+        native = pools is not None and self._native_plan and not (
+            torch.is_grad_enabled() and (q.requires_grad or key.requires_grad or value.requires_grad)
+        )
+        if native:
+            _check(plan, pools[2], torch.float32, q, key, value)
+            qst, kst, vst = q.stride(), key.stride(), value.stride()
+            native = q.is_cpu and key.is_cpu and value.is_cpu and qst[3] == 1 and kst[3] == 1 and vst[3] == 1
+        if not native:  # another dtype or device, autograd, a stride inside D: correct, slower
+            _check(plan, _pool_geometry(k_pool, v_pool), k_pool.dtype, q, key, value)  # before anything is written
             write_kv(k_pool, v_pool, key, value, plan)
             return paged_attention(q, k_pool, v_pool, plan, scale, softcap)
         _, hq, n, d = q.shape
@@ -240,7 +258,7 @@ class PagedAttention:
             q.data_ptr(), qst[2], qst[1], hq, key.data_ptr(), kst[2], kst[1], value.data_ptr(), vst[2], vst[1],
             out.data_ptr(),
         )
-        self._fn(self._step_ptr, pools[2], self._call_ptr, scale, softcap or 0.0)
+        self._fn(self._step_ptr, pools[3], self._call_ptr, scale, softcap or 0.0)
         if self._long:
             _attend_torch(out, q, k_pool, v_pool, plan, self._long, scale, softcap)
         return out
@@ -262,19 +280,22 @@ class PagedAttention:
         )
 
     def _pool_args(self, k_pool: torch.Tensor, v_pool: torch.Tensor):
-        """The cached C arguments of a pool pair (checked by _check), or None when the
-        kernel does not take them (another dtype or device, D past its buffers)."""
-        if not (k_pool.dtype is torch.float32 and k_pool.is_cpu and v_pool.is_cpu and k_pool.shape[3] <= 256):
+        """The cached C arguments of a pool pair, or None when the kernel does not
+        take it (another dtype or device, D past its buffers)."""
+        if self._fn is None or k_pool.dtype is not torch.float32 or not k_pool.is_cpu:
             return None
-        if len(self._pools) > 4096:  # pools replaced over time; refilled on demand
+        geometry = _pool_geometry(k_pool, v_pool)
+        if geometry[3] > 256:
+            return None
+        if len(self._pools) > 4096:  # entries of freed pools; refilled on demand
             self._pools.clear()
-        args = np.array([k_pool.data_ptr(), v_pool.data_ptr(), *k_pool.shape[2:]], dtype=np.int64)
-        entry = (k_pool, v_pool, args.ctypes.data, args)  # args: kept alive with its pointer
+        args = np.array([k_pool.data_ptr(), v_pool.data_ptr(), *geometry[2:]], dtype=np.int64)  # alive in the entry
+        entry = (weakref.ref(k_pool), weakref.ref(v_pool), geometry, args.ctypes.data, args)
         self._pools[id(k_pool)] = entry
         return entry
 
 
-def select_attention(device: torch.device) -> PagedAttention:
+def select_attention(device: torch.device | str) -> PagedAttention:
     """The entry with the C kernels on CPU when they build here (see `native`),
     else torch ops only."""
     lib = native.load("attention_cpu") if torch.device(device).type == "cpu" else None
@@ -292,7 +313,7 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
     _, hq, n, d = q.shape
     hkv, bs = k_pool.shape[2], plan.block_size
     k_rows, v_rows = k_pool.reshape(-1, hkv, d).double(), v_pool.reshape(-1, hkv, d).double()
-    out = torch.zeros(1, n, hq, d, dtype=torch.float64)
+    out = torch.zeros(1, n, hq, d, dtype=torch.float64, device=q.device)
     tables = plan.block_tables.tolist()
     for s, (t0, q_len, ctx) in enumerate(zip(plan.query_start_host, plan.q_lens_host, plan.context_lens_host)):
         for j in range(q_len):
