@@ -557,3 +557,12 @@ def test_table():
     assert "not a result" in format_table(report(rounds=1)).splitlines()[1]
     targeted = report() | {"loramux": {"target": "h:1", "start_seconds": None}}
     assert format_table(targeted).splitlines()[2].endswith("loramux: --target h:1 (CPU not metered)")
+
+
+def test_resident_memory_is_read_and_reported():
+    from loramux.benchmarks.peers import process_tree_rss
+
+    own = process_tree_rss(os.getpid())
+    assert 10 * 2**20 < own < 64 * 2**30  # this test process: tens of MiB at least
+    lines = format_table(report() | {"rss_bytes": {"loramux": 900 * 2**20, "vLLM": 3 * 2**30}}).splitlines()
+    assert lines[-1] == "resident memory after the rounds: loramux 900 MiB, vLLM 3072 MiB"

@@ -513,6 +513,24 @@ def process_cpu_seconds(pid: int, tree: bool = True) -> float:
     return total
 
 
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and its live descendants (vLLM serves from child
+    processes), read once at the end of the rounds."""
+    try:
+        import psutil
+    except ImportError:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
+
+
 def _proc_tree_cpu(pid: int, tree: bool = True) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     stats: dict[int, tuple[int, float]] = {}  # pid -> (ppid, cpu seconds)
@@ -980,6 +998,7 @@ def run_peers(args: argparse.Namespace) -> dict:
         peers = [ours, VllmPeer(LOOPBACK, vllm.port, vllm.served_name, vllm.proc.pid)]
         warm_up(peers, names, book, args.prompt_tokens, max(s.prompt_tokens for p in plans.values() for s in p))
         results, windows = run_rounds(peers, plans, book, args.rounds)
+        rss = {p.name: process_tree_rss(p.pid) for p in peers if p.pid is not None}
     workloads = {}
     for w, by_system in results.items():
         ours, theirs = summarize(by_system["loramux"]), summarize(by_system["vLLM"])
@@ -997,6 +1016,7 @@ def run_peers(args: argparse.Namespace) -> dict:
         "limits": dataclasses.asdict(limits),
         "workloads": workloads,
         "cpu": cpu_summary(windows, [p.name for p in peers]),
+        "rss_bytes": rss,
     }
 
 
@@ -1052,6 +1072,9 @@ def format_table(report: dict) -> str:
     cpu = " ".join(f"{n} {_fmt(c['own'], '.2f')} ({_fmt(c['while_peer'], '.2f')} while the peer runs);"
                    for n, c in r["cpu"].items())
     lines.append(f"CPU, cores busy (user+sys s / wall s) in own rounds: {cpu.rstrip(';')}")
+    if r.get("rss_bytes"):
+        lines.append("resident memory after the rounds: " + ", ".join(
+            f"{n} {b / 2**20:.0f} MiB" for n, b in r["rss_bytes"].items()))
     return "\n".join(lines)
 
 
