@@ -42,6 +42,10 @@ SIGNATURES = {
     "lmx_kth_largest_abs_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "lmx_ties_merge_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
     "lmx_paged_attention_f32": [_PTR, _PTR, _PTR, ctypes.c_double, ctypes.c_double],
+    "lmx_rmsnorm_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_double, _I64],
+    "lmx_add_rmsnorm_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_double, _I64],
+    "lmx_rope_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64],
+    "lmx_silu_mul_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64],
 }
 
 _lock = threading.Lock()

@@ -11,7 +11,7 @@ from loramux.engine.kv_cache import KvCache, KvGeometry, default_kv_bytes
 from loramux.engine.pins import PinController
 from loramux.merging.pinning import WeightPinner
 from loramux.merging.service import MergeService
-from loramux.model import attention
+from loramux.model import attention, fast_layers
 from loramux.model.loader import LoadedModel, load_base_model
 from loramux.model.lora_layers import LoraContext, speed_up_head, wrap_targets
 from loramux_kernels import select_backend
@@ -33,6 +33,7 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Eng
     layers = wrap_targets(loaded.model, pool, ctx)
     speed_up_head(loaded.model, ctx)
     attention.install(loaded.model)
+    fast_layers.install_fast_layers(loaded.model)  # Llama-family float32 CPU only; else a no-op
     merges = MergeService(store, config.merges)
     kv = build_kv_cache(config, loaded)
     return Engine(loaded, store, pool, ctx, config, merges, PinController(WeightPinner(layers)), kv)
