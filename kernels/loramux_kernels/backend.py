@@ -94,7 +94,8 @@ class NativeCpuBackend:
     the Python side of a call is kept to a few attribute reads: what is fixed per
     slot buffer (pointers, shapes; checked once) and per step (the routing; checked
     once) sits in int64 arrays the C entry reads, and a call passes only its rows.
-    `linear` goes further: base GEMM and deltas in one C call (see csrc/lora_cpu.c),
+    `linear` goes further: base GEMM (a small-batch AVX-512 kernel, about twice
+    the BLAS's speed at 1-32 rows) and deltas in one C call (see csrc/lora_cpu.c),
     since each return to Python right after a GEMM runs with cold caches.
     """
 
@@ -103,9 +104,10 @@ class NativeCpuBackend:
     # more than `max_single_tokens` tokens share one adapter, GEMMs beat per-token loops.
     max_tokens = 32
     max_single_tokens = 4
-    # Steps without adapters take the one-call linear from this many tokens (a
-    # decode batch), where its chunked GEMM beats F.linear; a single row does not.
-    min_fused_tokens = 2
+    # Steps without adapters take the one-call linear from this many tokens: its
+    # small-batch GEMM (csrc/lora_cpu.c) streams the weights at ~38 GB/s on two
+    # cores for one row, where F.linear's gemv reached ~15 GB/s here.
+    min_fused_tokens = 1
     # Below this many multiply-adds a second thread costs more than it saves. Decode
     # reads the adapter weights cold, so a second core's memory bandwidth pays early
     # (one rank-16 adapter on a 576-wide layer is ~18k).
@@ -153,7 +155,7 @@ class NativeCpuBackend:
         mod_ptr = 0
         if not lora:
             if not self.min_fused_tokens <= n <= self.max_tokens:
-                return None  # F.linear is as fast or faster: the C path wins on decode batches
+                return None  # a prefill: the BLAS GEMM behind F.linear is the faster there
         else:
             if plan is not self._plan:
                 self._start_plan(plan)
