@@ -79,7 +79,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
                    help="tokens one forward step packs (default: %(default)s)")
     g.add_argument("--prefill-chunk-tokens", type=int, default=EngineConfig.prefill_chunk_tokens,
-                   help="prompt tokens a step takes while other rows decode (default: %(default)s)")
+                   help="tokens a step computes while rows decode, theirs included (default: %(default)s)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

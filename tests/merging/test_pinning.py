@@ -173,6 +173,33 @@ def test_a_swap_landing_while_a_request_resolves_cannot_leave_it_on_stale_weight
     assert results[raced.request_id].token_ids == want
     assert results[later.request_id].token_ids == want
 
+
+def test_a_request_queued_right_after_a_swap_waits_to_be_rebound(tiny_llama_dir, adapter_root, monkeypatch):
+    """The other window: a request resolved before a pin is queued after the step
+    applied the swap and rebound the queue, just before admission. It must not be
+    admitted on its stale adapter (y on top of W + x would be wrong)."""
+    engine = _engine(tiny_llama_dir, adapter_root)
+    want = engine.generate([GenerationRequest(prompt=PROMPT, adapter="y", sampling=GREEDY)])[0].token_ids
+    stale = engine._make_sequence(GenerationRequest(prompt=PROMPT, adapter="y", sampling=GREEDY))
+    swap = engine.request_swap(engine.exact_deltas(GenerationRequest(adapter="x")), "adapter:x")
+    real_rebind = engine._rebind_waiting
+
+    def rebind_then_queue_the_stale_row():
+        events = real_rebind()
+        if swap.done.is_set():
+            monkeypatch.setattr(engine, "_rebind_waiting", real_rebind)
+            engine.scheduler.submit(stale)
+        return events
+
+    monkeypatch.setattr(engine, "_rebind_waiting", rebind_then_queue_the_stale_row)
+    results = {}
+    while engine.has_work():
+        results.update({ev.request_id: ev.result for ev in engine.step() if ev.result is not None})
+    assert engine.pinned == "adapter:x"
+    assert results[stale.request_id].token_ids == want  # served y − x on W + x
+    engine.unpin()
+
+
 @pytest.mark.parametrize(
     "quantization,pin,reason",
     [("none", {"mix": MixSpec.build([("x", 1.0), ("y", 1.0)], "ties", {"density": 0.5})}, "dense"),

@@ -266,7 +266,9 @@ class Engine:
             self._pins.apply()
         if not self._pins.pending:
             events += self._rebind_waiting()
-        chunks = self.scheduler.schedule(admit_new=not self._pins.pending)
+        # A request resolved on an RPC thread while the swap above landed is still
+        # on the old epoch; the scheduler leaves it for the next step's rebind.
+        chunks = self.scheduler.schedule(admit_new=not self._pins.pending, pin_epoch=self._pins.state.epoch)
         self.last_step_tokens = sum(c.count for c in chunks)
         if chunks:
             events += self._run(chunks)

@@ -5,9 +5,10 @@ A row's work is always "compute the keys/values of positions [num_computed,
 num_tokens) of prompt + generated, then sample at the last one": a prompt is a long
 run, decode is a run of one, and a preempted row (its blocks taken back) simply
 starts again from whatever prefix the cache still holds. Each step packs every
-decoding row's one token first, then chunks of prompts, under a token budget;
-while any row decodes, a prompt gets at most `prefill_chunk_tokens` a step, so a
-long prompt never stalls the running streams for long.
+decoding row's one token first, then chunks of prompts, under a token budget:
+`max_batch_tokens` when nothing decodes, and while rows decode
+`prefill_chunk_tokens` in all (decode tokens included), so a long prompt is
+prefilled over many short steps and never stalls the running streams for long.
 
 Admission is FIFO: a row waits for a device slot for its adapter, free KV blocks
 for its first chunk and a free row, and no later request overtakes it. When blocks
@@ -27,6 +28,10 @@ from loramux.engine.kv_cache import BlockAllocator, block_hashes
 from loramux.engine.sequence import Sequence
 from loramux.engine.types import TokenEvent
 from loramux.errors import ResourceExhausted
+
+
+# While rows decode, prompts still get at least this many tokens a step.
+MIN_PREFILL_TOKENS = 8
 
 
 @dataclass
@@ -134,20 +139,26 @@ class Scheduler:
             self._release_blocks(seq)
         return rows
 
-    def schedule(self, admit_new: bool) -> list[Chunk]:
+    def schedule(self, admit_new: bool, pin_epoch: int) -> list[Chunk]:
         """The chunks of the next step. admit_new=False (a swap is pending) admits
-        only preempted rows, which must finish on the weights they started on."""
-        plan = _StepPlan(self.limits.max_batch_tokens)
+        only preempted rows, which must finish on the weights they started on.
+        A row resolved for another pin epoch than `pin_epoch` (the weights now in
+        place) is not admitted: it waits, in order, to be rebound first."""
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
-        chunk_limit = self.limits.prefill_chunk_tokens if decoding else self.limits.max_batch_tokens
+        budget = self.limits.max_batch_tokens
+        if decoding:
+            # While rows stream, a step stays about as short as a decode step:
+            # prompts get what is left of `prefill_chunk_tokens` (at least a few).
+            budget = min(budget, max(self.limits.prefill_chunk_tokens, len(decoding) + MIN_PREFILL_TOKENS))
+        plan = _StepPlan(budget)
         for seq in decoding + prefilling:
             if seq not in self.running or plan.budget == 0:
                 continue  # preempted meanwhile, or no room left this step
-            take = min(seq.num_tokens - seq.num_computed, chunk_limit, plan.budget)
+            take = min(seq.num_tokens - seq.num_computed, plan.budget)
             if self._reserve(seq, take, plan):
                 plan.add(Chunk(seq, seq.num_computed, take))
-        self._admit(plan, admit_new, chunk_limit)
+        self._admit(plan, admit_new, pin_epoch)
         return list(plan.chunks.values())
 
     def commit(self, chunks: list[Chunk]) -> None:
@@ -194,20 +205,20 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table, seq.num_computed, seq.block_hashes = [], 0, []
 
-    def _admit(self, plan: "_StepPlan", admit_new: bool, chunk_limit: int) -> None:
+    def _admit(self, plan: "_StepPlan", admit_new: bool, pin_epoch: int) -> None:
         """Waiting rows FIFO while rows, budget, device slots and blocks allow."""
         busy = {s.slot for s in self.running if s.adapter is not None}
         while plan.budget > 0 and len(self.running) < self.limits.max_rows:
             with self._lock:
                 seq = self._waiting[0] if self._waiting else None
-            if seq is None or (not admit_new and not seq.started):
+            if seq is None or (not admit_new and not seq.started) or seq.pin_epoch != pin_epoch:
                 return
             if seq.adapter is not None:
                 try:
                     seq.slot = self.slots.acquire(seq.slot_key, seq.adapter.modules, busy)
                 except ResourceExhausted:
                     return  # FIFO: later requests do not overtake it
-            if not self._place(seq, plan, chunk_limit):
+            if not self._place(seq, plan):
                 return
             if seq.adapter is not None:
                 busy.add(seq.slot)
@@ -217,7 +228,7 @@ class Scheduler:
             seq.admitted_at = self._admissions
             self._admissions += 1
 
-    def _place(self, seq: Sequence, plan: "_StepPlan", chunk_limit: int) -> bool:
+    def _place(self, seq: Sequence, plan: "_StepPlan") -> bool:
         """Give a waiting row its cached prefix and the blocks of its first chunk;
         False (nothing taken) when the blocks are not there."""
         bs = self.blocks.block_size
@@ -225,7 +236,7 @@ class Scheduler:
         hashes = block_hashes(seq.tokens(0, seq.num_tokens - 1), bs, seq.kv_identity)
         matched = self.blocks.match_prefix(hashes) if self.blocks.prefix_caching else []
         computed = len(matched) * bs
-        take = min(seq.num_tokens - computed, chunk_limit, plan.budget)
+        take = min(seq.num_tokens - computed, plan.budget)
         need = self.blocks.blocks_for(computed + take) - len(matched)
         if need > self.blocks.num_free:
             self.blocks.free(matched)
