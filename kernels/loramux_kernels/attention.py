@@ -166,15 +166,20 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     return out
 
 
-def _attend_torch(out, q, k_pool, v_pool, plan: AttentionPlan, seqs, scale, softcap) -> None:
-    """out[0, tokens of s] = attention of those tokens, for s in seqs. out: [1, N, Hq, D]."""
+def _attend_torch(out, q, k_pool, v_pool, plan: AttentionPlan, seqs, scale, softcap, key=None, value=None) -> None:
+    """out[0, tokens of s] = attention of those tokens, for s in seqs. out: [1, N, Hq, D].
+    key, value ([1, Hkv, N, D], the step's own): a sequence whose keys are all new
+    this step (a fresh prefill) reads them there instead of gathering its blocks."""
     hq, (hkv, d) = q.shape[1], k_pool.shape[2:]
     k_rows, v_rows = k_pool.view(-1, hkv, d), v_pool.view(-1, hkv, d)  # [rows, Hkv, D]
     for s in seqs:
         t0, q_len, L = plan.query_start_host[s], plan.q_lens_host[s], plan.context_lens_host[s]
-        rows = plan.key_rows(s)
-        k = k_rows.index_select(0, rows).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        v = v_rows.index_select(0, rows).transpose(0, 1).unsqueeze(0)
+        if key is not None and q_len == L:
+            k, v = key[:, :, t0 : t0 + q_len], value[:, :, t0 : t0 + q_len]  # [1, Hkv, L, D]
+        else:
+            rows = plan.key_rows(s)
+            k = k_rows.index_select(0, rows).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            v = v_rows.index_select(0, rows).transpose(0, 1).unsqueeze(0)
         qs = q[:, :, t0 : t0 + q_len]  # [1, Hq, q_len, D]
         mask = plan.causal_mask(s)  # [q_len, L] or None
         if softcap is None:
@@ -260,7 +265,7 @@ class PagedAttention:
         )
         self._fn(self._step_ptr, pools[3], self._call_ptr, scale, softcap or 0.0)
         if self._long:
-            _attend_torch(out, q, k_pool, v_pool, plan, self._long, scale, softcap)
+            _attend_torch(out, q, k_pool, v_pool, plan, self._long, scale, softcap, key, value)
         return out
 
     def _start_plan(self, plan: AttentionPlan) -> None:

@@ -104,9 +104,10 @@ class NativeCpuBackend:
     # more than `max_single_tokens` tokens share one adapter, GEMMs beat per-token loops.
     max_tokens = 32
     max_single_tokens = 4
-    # Steps without adapters take the one-call linear from this many tokens: its
-    # small-batch GEMM (csrc/lora_cpu.c) streams the weights at ~38 GB/s on two
-    # cores for one row, where F.linear's gemv reached ~15 GB/s here.
+    # Every step takes the one-call linear: its small-batch GEMM (csrc/lora_cpu.c)
+    # streams the weights at ~38 GB/s on two cores for one row, where F.linear's
+    # gemv reached ~15 GB/s here, and takes prefills 32 rows at a time, faster
+    # than the BLAS too (deltas of a prefill then come from the torch ops).
     min_fused_tokens = 1
     # Below this many multiply-adds a second thread costs more than it saves. Decode
     # reads the adapter weights cold, so a second core's memory bandwidth pays early
@@ -131,7 +132,7 @@ class NativeCpuBackend:
     def linear(self, x, weight, bias, A, BT, plan: StepPlan | None) -> torch.Tensor | None:
         fn = self._linear_fn
         lora = plan is not None and plan.mode != "none"
-        if not lora and plan is not None and not self.min_fused_tokens <= plan.num_tokens <= self.max_tokens:
+        if not lora and plan is not None and plan.num_tokens < self.min_fused_tokens:
             return None  # decided before any tensor is touched: see the check on n below
         if fn is None or torch.is_grad_enabled():
             return None  # autograd needs torch's own ops
@@ -152,27 +153,30 @@ class NativeCpuBackend:
                 return None
             b_ptr = bias.data_ptr()
         n = x.numel() // d_in
-        mod_ptr = 0
+        mod_ptr, torch_deltas = 0, False
         if not lora:
-            if not self.min_fused_tokens <= n <= self.max_tokens:
-                return None  # a prefill: the BLAS GEMM behind F.linear is the faster there
+            if n < self.min_fused_tokens:
+                return None
         else:
             if plan is not self._plan:
                 self._start_plan(plan)
-            if not self._native_plan:
-                return None
-            entry = self._module(A, BT, plan)
+            entry = self._module(A, BT, plan) if self._native_plan else None
             if entry is None:
-                return None
-            _, _, mod_ptr, s, a_in, a_out, _ = entry
-            if n != plan.num_tokens or a_in != d_in or a_out != d_out or plan.max_slot >= s:
-                raise self._disagree(None, x, A, BT, plan)
+                # A prefill (or slots the C loop does not take): our GEMM, then
+                # the torch ops' batched deltas.
+                torch_deltas = True
+            else:
+                _, _, mod_ptr, s, a_in, a_out, _ = entry
+                if n != plan.num_tokens or a_in != d_in or a_out != d_out or plan.max_slot >= s:
+                    raise self._disagree(None, x, A, BT, plan)
         out = x.new_empty((*x.shape[:-1], d_out))
         self._linear[:] = (
             x.data_ptr(), x_stride, n, d_in, d_out, w_ptr, b_ptr, out.data_ptr(), d_out, mod_ptr,
             torch.get_num_threads(),
         )
         fn(self._step_ptr, self._linear_ptr)
+        if torch_deltas:
+            self._torch.add_lora_(out, x, A, BT, plan)
         return out
 
     def _weight(self, weight):

@@ -259,8 +259,12 @@ def test_fused_linear_follows_swapped_weights_and_leaves_autograd_to_torch():
         plan = plan_step(torch.tensor([0, 1, 2]), R, torch.float32)  # 3 tokens, 2 rows
         with pytest.raises(ValueError, match="do not agree"):
             backend.linear(x, w, None, A, BT, plan)
-        prefill = plan_step(torch.tensor([1] * 6), R, torch.float32)  # many tokens on one adapter: GEMMs
-        assert backend.linear(torch.randn(6, D_IN), w, None, A, BT, prefill) is None
+        # Many tokens on one adapter (a prefill): our GEMM, then the torch ops' deltas.
+        prefill = plan_step(torch.tensor([1] * 40), R, torch.float32)
+        xp = torch.randn(40, D_IN)
+        want = F.linear(xp, w)
+        add_lora_reference(want, xp, A, BT, torch.tensor([1] * 40))
+        torch.testing.assert_close(backend.linear(xp, w, None, A, BT, prefill), want, rtol=1e-5, atol=1e-5)
     assert backend.linear(x, w, None, A, BT, None) is None  # grad mode: autograd needs torch's ops
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from loramux_kernels import NO_SLOT, NativeCpuBackend, add_lora_reference, native, plan_step
 
-ROWS = [1, 2, 3, 7, 8, 9, 16, 31, 32]
+ROWS = [1, 2, 3, 7, 8, 9, 16, 31, 32, 40, 64]  # past 32: a prefill, 32 rows at a time
 # (d_out, d_in): odd sizes (a d_in tail of 5, column tails of 1..3), d_in under one
 # vector, and real layer shapes of the default model (q/o, k/v, gate/up, down)
 SHAPES = [(29, 37), (45, 13), (200, 576), (576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -112,15 +112,15 @@ def test_linear_equals_f_linear_plus_deltas(d_out, d_in, with_bias, threads):
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_c_entry_on_every_row_count(threads):
     """The C entry itself, which the Python side does not call with one row and no
-    adapters: 1..33 rows (33: the BLAS path), strided x and out, 1..5 threads
-    (more than 4: the BLAS's own threading)."""
+    adapters: 1..33 rows and prefills of 64, 100 and 257 (blocks of 32 rows),
+    strided x and out, 1..5 threads (more than 4: the BLAS's own threading)."""
     backend = _backend()
     fn = backend._linear_fn
     g = torch.Generator().manual_seed(threads)
     step = np.zeros(4, dtype=np.int64)
     for d_out, d_in in [(29, 37), (200, 576), (576, 1536)]:
         w = torch.randn(d_out, d_in, generator=g)
-        for n in list(range(1, 34)):
+        for n in [*range(1, 34), 64, 100, 257]:
             x = torch.randn(n, d_in + 5, generator=g)[:, 1 : 1 + d_in]
             b = torch.randn(d_out, generator=g) if n % 2 else None
             out = torch.full((n, d_out + 3), float("nan"))

@@ -310,11 +310,23 @@ static void gemm_small(const float *W, const float *bias, const float *x, int64_
 #define gemm_small gemm_blas
 #endif
 
-/* out[:, c0:c1] = x @ W[c0:c1].T (+ bias[c0:c1]) on one thread */
+/* out[:, c0:c1] = x @ W[c0:c1].T (+ bias[c0:c1]) on one thread. More rows than
+ * the small kernel takes (a prefill) go through it SMALL_N rows at a time: the
+ * column chunk of W stays in L2 while the row blocks stream past, and that beats
+ * the BLAS's own prefill GEMM on this CPU too (2 cores, the default model's 210
+ * layers: 64 rows 1.9x, 256 rows 1.15x, 512 rows 1.07x, measured blocked from
+ * Python; in C without the copies). */
 static void gemm_cols(const float *W, const float *bias, const float *x, int64_t x_stride, float *out,
                       int64_t out_stride, int64_t n, int64_t d_in, int64_t c0, int64_t c1)
 {
-    (n <= SMALL_N ? gemm_small : gemm_blas)(W, bias, x, x_stride, out, out_stride, n, d_in, c0, c1);
+    if (SMALL_N == 0) {
+        gemm_blas(W, bias, x, x_stride, out, out_stride, n, d_in, c0, c1);
+        return;
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += SMALL_N) {
+        const int64_t rows = n - r0 < SMALL_N ? n - r0 : SMALL_N;
+        gemm_small(W, bias, x + r0 * x_stride, x_stride, out + r0 * out_stride, out_stride, rows, d_in, c0, c1);
+    }
 }
 
 void lmx_linear_lora_f32(const int64_t *step, const int64_t *linear)
@@ -326,7 +338,7 @@ void lmx_linear_lora_f32(const int64_t *step, const int64_t *linear)
     const int64_t *module = (const int64_t *)(intptr_t)linear[9], threads = linear[10];
     if (n <= 0 || !sgemm)
         return;
-    if (threads < 2 || threads > 4 || n > 32) { /* one thread, or the BLAS's own threads */
+    if (threads < 2 || threads > 4 || (module && n > 32)) { /* one thread, or the BLAS's own threads */
         (threads < 2 ? gemm_cols : gemm_blas)(W, bias, x, x_stride, out, out_stride, n, d_in, 0, d_out);
         if (module)
             lmx_lora_add_f32_step(module, step, out, out_stride, x, x_stride);
