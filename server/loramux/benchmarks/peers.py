@@ -18,6 +18,8 @@ Workloads (`--workloads` picks a subset; all by default):
   8x4-adapters  8 concurrent streams x 4 requests, adapters round robin
   8x4-base      8 x 4, no adapter
   long-prompt   8 streams x 1 request, 1,024-token prompts, 128 new tokens, adapters round robin
+  long-context  1 stream x 2 requests, 2,000-token prompts, 64 new tokens, no adapter (its
+                ITL is the decode step over 2,000 tokens of context)
   poisson       Poisson arrivals at --rate req/s for --duration s (seeded), prompt
                 lengths uniform in 16..2,000 tokens, adapters round robin
 Every request is greedy with EOS ignored, so both systems make exactly the same
@@ -106,6 +108,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("8x4-adapters", 8, 4, "all"),
     Workload("8x4-base", 8, 4, "none"),
     Workload("long-prompt", 8, 1, "all", prompt_tokens=1024, max_tokens=128),
+    # Decode over 2,000 tokens of context: its ITL is the long-context step time.
+    Workload("long-context", 1, 2, "none", prompt_tokens=2000, max_tokens=64),
     Workload("poisson", 0, 0, "all"),
 )}
 
