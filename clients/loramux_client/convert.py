@@ -159,7 +159,8 @@ def stream_chunk_from_pb(r: pb.GenerateStreamResponse) -> StreamChunk:
 
 
 def adapter_info_from_pb(r: pb.AdapterInfo) -> AdapterInfo:
-    return _from_fields(AdapterInfo, r)
+    # Servers before the field listed cached adapters only.
+    return _from_fields(AdapterInfo, r, cached=r.cached if r.HasField("cached") else True)
 
 
 def adapter_list_from_pb(r: pb.ListAdaptersResponse) -> list[AdapterInfo]:

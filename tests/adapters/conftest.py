@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,13 +91,17 @@ def lora_config(**overrides) -> dict:
 
 def lora_tensors(spec: BaseModelSpec, modules=("model.layers.0.self_attn.q_proj",), r=4,
                  dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """PEFT-style keys → random A [r, d_in] and B [d_out, r] for each module."""
+    """PEFT-style keys → random A [r, d_in] and B [d_out, r] for each module.
+
+    Entries have std 0.1, so ΔW's norm is about that of the tiny model's weights, as
+    for a trained adapter; unit entries would be refused as 200 times the base.
+    """
     gen = torch.Generator().manual_seed(0)
     out = {}
     for m in modules:
         t = spec.targets[m]
-        a = torch.randn(r, t.d_in, generator=gen)  # [r, d_in]
-        b = torch.randn(t.d_out, r, generator=gen)  # [d_out, r]
+        a = torch.randn(r, t.d_in, generator=gen) * 0.1  # [r, d_in]
+        b = torch.randn(t.d_out, r, generator=gen) * 0.1  # [d_out, r]
         out[f"base_model.model.{m}.lora_A.weight"] = a.to(dtype)
         out[f"base_model.model.{m}.lora_B.weight"] = b.to(dtype)
     return out
@@ -121,3 +126,20 @@ def good_adapter(tiny_spec):
         return write_adapter(directory, lora_config(r=r, **cfg), tensors)
 
     return make
+
+
+def gets_at_once(store, name: str, n: int) -> list:
+    """`store.get(name)` from n threads released together; their results."""
+    barrier = threading.Barrier(n)
+    results = []
+
+    def run():
+        barrier.wait()
+        results.append(store.get(name))
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -315,3 +315,52 @@ def test_different_names_load_in_parallel():
 
     results = _run_concurrently(2, one)
     assert sorted(r.name for r in results) == ["a", "b"]
+
+
+# ---------------------------------------------------------------- refresh
+
+
+def _version(name: str, content: str, nbytes: int = 400) -> LoraAdapter:
+    a = adapter(name, nbytes)
+    return LoraAdapter(name=name, modules=a.modules, content_hash=content)
+
+
+def test_refresh_replaces_the_entry_keeping_pins_and_bytes_exact():
+    removed: list[str] = []
+    cache = HostAdapterCache(2000, on_evict=[removed.append])
+    old = cache.get_or_load("a", lambda: _version("a", "v1"), pin=True)
+    new = cache.refresh("a", old, lambda: _version("a", "v2", 800))
+    assert cache.get("a") is new and cache.is_pinned("a") and cache.bytes_used == 800
+    assert removed == ["a"] and cache.stats.reloads == 1 and cache.stats.loads == 2
+    # A caller still holding the old object gets the current entry, no second load.
+    assert cache.refresh("a", old, lambda: pytest.fail("loaded twice")) is new
+
+
+def test_refresh_to_identical_content_fires_no_callback():
+    removed: list[str] = []
+    cache = HostAdapterCache(2000, on_evict=[removed.append])
+    old = cache.get_or_load("a", lambda: _version("a", "same"))
+    assert cache.refresh("a", old, lambda: _version("a", "same")) is not old
+    assert removed == []
+
+
+def test_failed_refresh_drops_the_stale_entry_even_pinned():
+    removed: list[str] = []
+    cache = HostAdapterCache(2000, on_evict=[removed.append])
+    old = cache.get_or_load("a", lambda: _version("a", "v1"), pin=True)
+
+    def broken() -> LoraAdapter:
+        raise NotFound("gone")
+
+    with pytest.raises(NotFound, match="gone"):
+        cache.refresh("a", old, broken)
+    assert "a" not in cache and cache.bytes_used == 0 and removed == ["a"]
+    assert cache.stats.load_failures == 1
+
+
+def test_refresh_of_a_removed_entry_is_a_plain_load():
+    cache = HostAdapterCache(2000)
+    old = cache.get_or_load("a", lambda: _version("a", "v1"))
+    cache.remove("a")
+    new = cache.refresh("a", old, lambda: _version("a", "v2"))
+    assert cache.get("a") is new and cache.stats.reloads == 0

@@ -18,6 +18,8 @@ from transformers.generation.logits_process import (
 from loramux.engine.sampling import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
+    NONFINITE_LOGITS,
+    RowFailure,
     RowSampler,
     SamplingParams,
     process_logits,
@@ -227,9 +229,12 @@ def test_valid_params_pass():
         (SamplingParams(top_p=0.0), "top_p must be in (0, 1]"),
         (SamplingParams(top_p=1.5), "top_p must be in (0, 1]"),
         (SamplingParams(top_p=math.nan), "top_p"),
-        (SamplingParams(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+        (SamplingParams(repetition_penalty=0.0), "repetition_penalty must be between 0.01 and 100"),
         (SamplingParams(repetition_penalty=-1.0), "repetition_penalty"),
         (SamplingParams(repetition_penalty=math.inf), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=math.nan), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=1e-38), "got 1e-38"),
+        (SamplingParams(repetition_penalty=1e3), "repetition_penalty"),
         (SamplingParams(seed=-1), "seed must be between 0 and 2**64 - 1"),
         (SamplingParams(seed=2**64), "seed"),
         (SamplingParams(stop=("a",) * (MAX_STOP_STRINGS + 1)), f"at most {MAX_STOP_STRINGS} stop"),
@@ -260,3 +265,52 @@ def test_cuda_matches_cpu_and_is_reproducible():
     torch.testing.assert_close(ours, ref)
     again = [RowSampler(p, ids, V, dev) for p, ids in zip(params, prompts)]
     assert sample_next(logits.to(dev), gpu_rows) == sample_next(logits.to(dev), again)
+
+
+# ---- a row is isolated: extreme values and non-finite logits ----------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-6])
+def test_tiny_temperatures_are_greedy(temperature):
+    """Below 1e-5 a temperature is the argmax, its limit; float32 division by a
+    subnormal would otherwise overflow and feed NaN to the multinomial."""
+    logits = random_logits(4, seed=11)
+    rows = [RowSampler(SamplingParams(temperature=temperature, top_p=0.9, seed=i), [], V, CPU) for i in range(4)]
+    assert sample_next(logits, rows) == logits.argmax(-1).tolist()
+
+
+def test_warped_scores_that_overflow_take_their_limit():
+    """Finite but huge logits over a small temperature overflow to +inf in float32;
+    that row takes its argmax instead of raising inside torch.multinomial."""
+    logits = random_logits(3, seed=12)
+    logits[1, 7] = 3e38
+    rows = [RowSampler(SamplingParams(temperature=0.5, seed=i), [], V, CPU) for i in range(3)]
+    again = [RowSampler(SamplingParams(temperature=0.5, seed=i), [], V, CPU) for i in range(3)]
+    got = sample_next(logits, rows)
+    assert got[1] == 7
+    clean = logits.clone()
+    clean[1] = 0.0
+    expected = sample_next(clean, again)  # the other rows draw exactly as without it
+    assert [got[0], got[2]] == [expected[0], expected[2]]
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_nonfinite_logits_fail_only_their_row(poison, sampled):
+    logits = random_logits(4, seed=13)
+    params = SamplingParams(temperature=0.8 if sampled else 0.0, seed=5)
+    poisoned = logits.clone()
+    poisoned[2, :: 3] = poison  # a row of an adapter whose weights overflow
+    rows = [RowSampler(params, [], V, CPU) for _ in range(4)]
+    again = [RowSampler(params, [], V, CPU) for _ in range(4)]
+    got = sample_next(poisoned, rows)
+    assert isinstance(got[2], RowFailure) and got[2].message == NONFINITE_LOGITS
+    expected = sample_next(logits, again)
+    assert [got[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+
+
+def test_all_nan_rows_fail_with_repetition_penalty_and_top_k():
+    logits = torch.full((2, V), math.nan)
+    rows = [RowSampler(SamplingParams(temperature=1.0, top_k=5, top_p=0.5, repetition_penalty=1.3, seed=1),
+                       [1, 2, 3], V, CPU) for _ in range(2)]
+    assert all(isinstance(t, RowFailure) for t in sample_next(logits, rows))

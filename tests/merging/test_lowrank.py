@@ -73,3 +73,49 @@ def test_dense_compression_reports_its_true_error_and_meets_the_budget():
 def test_zero_delta_compresses_to_zero():
     c = compress_dense(torch.zeros(8, 6), max_rank=4, budget=0.01)
     assert c.rel_error == 0.0 and torch.count_nonzero(c.factored.dense()) == 0
+
+
+def _rel_err(d, f):
+    return float(torch.linalg.norm(d.double() - f.dense().double()) / torch.linalg.norm(d.double()))
+
+
+def _optimal_rank(d, budget):
+    """Smallest k whose Eckart–Young error ≤ budget (dense SVD as the oracle)."""
+    S2 = torch.linalg.svdvals(d.double()) ** 2
+    tail = S2.sum() - torch.cumsum(S2, 0)
+    return int(((tail <= budget**2 * S2.sum()).nonzero()[0]) + 1)
+
+
+def test_exact_compression_says_which_rank_meets_the_budget():
+    f = _factored(50, 40, 12, 3)
+    c = compress_exact(f, max_rank=4, budget=1e-3)
+    assert c.factored.rank == 4 and c.rel_error > 1e-3
+    assert c.needed_rank == _optimal_rank(f.dense(), 1e-3)
+
+
+def test_dense_compression_reports_the_needed_rank_only_when_within_max_rank():
+    f = _factored(64, 48, 5, 7)
+    noise = 1e-4 * torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    d = f.dense() + noise
+    ok = compress_dense(d, max_rank=16, budget=0.01)
+    assert ok.needed_rank == ok.factored.rank == _optimal_rank(d, 0.01) == 5
+    short = compress_dense(d, max_rank=3, budget=0.01)
+    assert short.factored.rank == 3 and short.rel_error > 0.01 and short.needed_rank is None
+
+
+@pytest.mark.parametrize("kind", ["few_rows", "rank_one", "duplicate_columns"])
+def test_dense_compression_of_degenerate_deltas_is_exact_and_finite(kind):
+    """Inputs whose sketches are singular (zero pivots in the power iterations'
+    LU bases): the factors stay finite and the reported error is the true one."""
+    g = torch.Generator().manual_seed(5)
+    d = torch.zeros(80, 60)
+    if kind == "few_rows":  # rank 3 from 3 non-zero rows: the sketch has 77 zero rows
+        d[[2, 40, 79]] = torch.randn(3, 60, generator=g)
+    elif kind == "rank_one":
+        d = torch.randn(80, 1, generator=g) @ torch.randn(1, 60, generator=g)
+    else:
+        d[:, :] = torch.randn(80, 1, generator=g)
+    c = compress_dense(d, max_rank=16, budget=1e-6)
+    assert torch.isfinite(c.factored.B).all() and torch.isfinite(c.factored.A).all()
+    assert c.rel_error <= 1e-6 and _rel_err(d, c.factored) <= 1e-5
+    assert c.factored.rank == torch.linalg.matrix_rank(d).item()

@@ -11,7 +11,8 @@ from loramux.app import build_engine
 from loramux.config import AdapterConfig, EngineConfig, MergeConfig, ModelConfig
 from loramux.engine.sampling import SamplingParams
 from loramux.engine.types import GenerationRequest
-from loramux.errors import InvalidArgument, NotFound
+from loramux.errors import FailedPrecondition, InvalidArgument, NotFound
+from loramux.merging.service import MergeService
 from loramux.merging.spec import MixSpec
 
 PROMPT = "The quick brown fox"
@@ -19,13 +20,22 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, adapter_root):
+    # Dense mixes of these adapters lose 0.1-0.4 at rank 32 (modules 64-128 wide): a
+    # lenient budget serves them. Refusals over a budget have their own services below.
     return build_engine(
         EngineConfig(
             model=ModelConfig(path=tiny_llama_dir),
             adapters=AdapterConfig(roots=[adapter_root], max_rank=32),
-            merges=MergeConfig(error_budget=0.05),
+            merges=MergeConfig(error_budget=0.6),
         )
     )
+
+
+def _service(engine, **merges) -> MergeService:
+    """A merge service of its own (own cache, own refusals) over the engine's adapters."""
+    cfg = MergeConfig(**merges)
+    cfg.validate(32)
+    return MergeService(engine.store, cfg)
 
 
 def _logits(engine, **selection):
@@ -51,7 +61,7 @@ def test_linear_mix_matches_peft_cat_merge(engine, tiny_llama_dir, adapter_root)
 def test_dense_mix_is_compressed_within_budget_and_reported(engine):
     spec = MixSpec.build([("x", 1.0), ("y", 1.0), ("z", 0.5)], "ties", {"density": 0.5})
     merged, report = engine.merges.resolve(spec)
-    assert 0 < report.rel_error <= 0.05 or report.rank == 32
+    assert 0 < report.rel_error <= engine.merges.cfg.error_budget
     assert report.rank == merged.rank <= 32
     # The served rows equal a forward with the served factors; the exact merge is
     # within the reported error of them.

@@ -267,3 +267,60 @@ def test_float64_inputs_are_trimmed_on_float64_magnitudes():
     x = torch.tensor([1.0, 1.0 + 2.0**-30, 0.5], dtype=torch.float64)
     got = M.trim_magnitude(x, 1 / 3 + 1e-9)
     assert got.tolist() == [0.0, 1.0 + 2.0**-30, 0.0]
+
+
+# ---------------------------------------------------------------------------
+# DELLA ranks and draws, breadcrumbs' band: fast paths against the sort-based forms
+# ---------------------------------------------------------------------------
+
+
+@FAST
+@ANY_INPUT
+def test_row_ranks_are_the_double_argsort(kind, shape, seed, data):
+    """Inverse permutation of the row order = argsort of the argsort; rows with tied
+    magnitudes keep torch.argsort's tie order (what mergekit's della_magprune sees)."""
+    mag = _inputs(kind, shape, seed).abs()
+    want = torch.argsort(torch.argsort(mag, dim=1), dim=1)
+    assert torch.equal(M._row_ranks(mag), want)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (300, 257)])
+def test_magprune_draws_are_torch_bernoulli_of_the_keep_probabilities(shape):
+    probs = torch.rand(shape, generator=torch.Generator().manual_seed(4)) * 0.8 + 0.1
+    a, b = torch.Generator().manual_seed(77), torch.Generator().manual_seed(77)
+    want = torch.bernoulli(probs, generator=a)
+    got = torch.rand(probs.shape, generator=b).lt_(probs)
+    assert torch.equal(got.float(), want)
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+
+
+def _sorted_band_reference(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """trim_outliers as it was: a full ascending sort, keep positions [n_bottom, n_bottom + k)."""
+    n = delta.numel()
+    k = int(density * n)
+    n_bottom = max(0, n - k - int(gamma * n))
+    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
+    keep = torch.zeros(n, dtype=delta.dtype)
+    keep[order[n_bottom : n_bottom + k]] = 1
+    return delta * keep.reshape(delta.shape)
+
+
+@FAST
+@given(
+    kind=st.sampled_from(KINDS),
+    shape=st.sampled_from(SHAPES),
+    seed=st.integers(0, 2**31 - 1),
+    density=st.sampled_from(DENSITIES),
+    gamma=st.sampled_from([0.0, 0.01, 0.2, 0.6]),
+)
+def test_breadcrumbs_band_from_order_statistics_equals_the_sort(kind, shape, seed, density, gamma):
+    """Ties across a cut fall back to the same sort; otherwise the band is the same
+    set (zeros aside, which multiply to the same zeros)."""
+    x = _inputs(kind, shape, seed)
+    assert torch.equal(_bits(M.trim_outliers(x, density, gamma)), _bits(_sorted_band_reference(x, density, gamma)))
+
+
+def test_breadcrumbs_band_declines_ties_across_a_cut():
+    x = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.5, -2.0])  # |x| ascending: .5 1 2 2 2 3
+    assert M._band_keep(x, 2, 2) is None  # positions 2, 3 of the three tied 2s
+    assert M._band_keep(x, 1, 4) is not None  # 1 2 2 2: the whole tie group

@@ -30,7 +30,8 @@ class CacheStats:
 
     misses counts every lookup that found no entry, waiters of a shared load
     included; loads counts loader calls, so misses - loads is the single-flight
-    saving. evictions counts LRU evictions only, not explicit removes.
+    saving. evictions counts LRU evictions only, not explicit removes. reloads
+    counts the loads of refresh() (an entry replaced; they count in loads too).
     """
 
     hits: int = 0
@@ -39,6 +40,7 @@ class CacheStats:
     loads: int = 0
     load_failures: int = 0
     load_seconds_total: float = 0.0
+    reloads: int = 0
 
 
 @dataclass
@@ -119,10 +121,15 @@ class HostAdapterCache:
         return flight.adapter
 
     def _lead(
-        self, name: str, loader: Callable[[], LoraAdapter], flight: _Flight, pins: int
+        self, name: str, loader: Callable[[], LoraAdapter], flight: _Flight, pins: int,
+        replacing: LoraAdapter | None = None,
     ) -> None:
-        """Run the load for everyone waiting on `flight`, then release them."""
+        """Run the load for everyone waiting on `flight`, then release them.
+
+        replacing: the stale entry a refresh replaces; it is dropped whatever the
+        load gives, and the new entry takes its pins."""
         evicted: list[str] = []
+        adapter = None
         start = time.perf_counter()
         try:
             adapter = loader()
@@ -130,9 +137,18 @@ class HostAdapterCache:
             flight.error = e
         finally:
             elapsed = time.perf_counter() - start
+        dropped = False
         with self._lock:
             self._stats.loads += 1
             self._stats.load_seconds_total += elapsed
+            if replacing is not None:
+                self._stats.reloads += 1
+                # While the flight is open nothing else inserts `name`: the entry is
+                # the stale one or was removed/evicted meanwhile (then no pins carry).
+                entry = self._entries.get(name)
+                pins, dropped = (entry.pins, True) if entry is not None else (0, False)
+                if dropped:
+                    self._drop(name)
             if flight.error is None:
                 try:
                     evicted = self._insert(name, adapter, pins)
@@ -143,7 +159,40 @@ class HostAdapterCache:
                 self._stats.load_failures += 1
             del self._flights[name]
         flight.done.set()
-        self._notify(evicted)
+        same = flight.error is None and replacing is not None and adapter.content_hash == replacing.content_hash
+        self._notify(([name] if dropped and not same else []) + evicted)
+
+    def refresh(
+        self, name: str, stale: LoraAdapter, loader: Callable[[], LoraAdapter]
+    ) -> LoraAdapter:
+        """Replace `stale`, the entry of `name`, with `loader()`'s result (its files
+        changed on disk); returns what is cached for `name` after.
+
+        Concurrent refreshes and misses of `name` share one `loader` call. The new
+        entry keeps the old one's pins. The eviction callbacks fire for `name` once
+        the old weights are out, unless the new ones have the same content_hash.
+        When `loader` fails, the stale entry is dropped all the same, pins or not (the
+        files it came from are gone or no longer valid), and the error is raised.
+        When `stale` is no longer the entry (already refreshed, or removed), this is
+        get_or_load.
+        """
+        with self._lock:
+            entry = self._entries.get(name)
+            flight = self._flights.get(name)
+            leader = flight is None and entry is not None and entry.adapter is stale
+            if flight is None and entry is not None and not leader:
+                return entry.adapter
+            if leader:
+                flight = self._flights[name] = _Flight()
+        if flight is None:
+            return self.get_or_load(name, loader)
+        if leader:
+            self._lead(name, loader, flight, pins=0, replacing=stale)
+        else:
+            flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.adapter
 
     def _pin_loaded(self, name: str, adapter: LoraAdapter) -> None:
         with self._lock:

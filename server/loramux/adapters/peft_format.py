@@ -3,8 +3,11 @@
 Adapters are data, never code: the config is parsed with `json`, the weights with the
 `safetensors` library, and nothing from transformers/PEFT is imported or executed.
 Every check that can be made from metadata (file size, header, dtypes, keys, shapes,
-ranks) runs before any tensor is materialised. Each refusal is an AdapterRefused
-whose message names the adapter and the check that failed.
+ranks, scales) runs before any tensor is materialised; the values are checked after
+(finite, and each ΔW bounded against its base weight). Each refusal is an
+AdapterRefused whose message names the adapter and the check that failed, and files
+only by their path under the adapter root (`<name>/<file>`): the message reaches
+inference callers, who must not learn the server's paths.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import safetensors.torch
 import torch
 
 from loramux.adapters.naming import is_within
-from loramux.adapters.types import LoraAdapter, LoraModule
+from loramux.adapters.types import FileStamp, LoraAdapter, LoraModule
 from loramux.config import AdapterConfig
 from loramux.errors import AdapterRefused
 from loramux.model.spec import BaseModelSpec
@@ -35,6 +38,19 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1024 * 1024
+# PEFT configs nest 3 levels at most (an object of pattern objects, lists); the
+# limit keeps deeply nested JSON from exhausting the recursion of the parser and of
+# everything that later walks or prints the config.
+MAX_JSON_DEPTH = 32
+# |lora_alpha / r| (or / √r with rsLoRA) of published adapters is about 0.25 to 64;
+# 10^4 leaves room for odd recipes and refuses scales like 1e30 that only overflow
+# float32 once folded into B. The ΔW bound below is the finer check.
+MAX_SCALE = 1e4
+# A trained adapter's update is a correction: ‖s·B·A‖_F is about 0.01-1× the norm of
+# the base weight it adds to. 100× leaves two orders of magnitude of headroom, yet a
+# module past it would drown the base layer's output (garbage or non-finite logits
+# for every row that uses the adapter), which is what corrupt or hostile files do.
+MAX_DELTA_TO_BASE_NORM = 100.0
 # A 30-layer, 7-target adapter has a ~60 KB header; safetensors itself caps at 100 MB.
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
@@ -79,23 +95,29 @@ def read_adapter(
     spec: BaseModelSpec,
     cfg: AdapterConfig,
     warn: Callable[[str], None] = default_warn,
+    entry: Path | None = None,
 ) -> LoraAdapter:
     """Validate and load the PEFT LoRA adapter in `directory` for base model `spec`.
 
-    Returns float32, contiguous, CPU factors per target module with PEFT's scale.
+    Returns float32, contiguous, CPU factors per target module with PEFT's scale,
+    and a FileStamp of each file read, stat'ed later through `entry` (the path the
+    adapter is named by, <root>/<name>; default `directory`).
     Raises AdapterRefused (an InvalidArgument) when any check fails; calls `warn`
     when the base model name differs and cfg.name_mismatch is "warn".
     """
-    config_path, weights_path = _locate_files(Path(directory), name)
-    config = _parse_config(_read_bounded(config_path, MAX_CONFIG_BYTES, name, "config"), name)
+    directory = Path(directory)
+    entry = directory if entry is None else Path(entry)
+    config_path, weights_path = _locate_files(directory, name)
+    raw_config, config_stat = _read_bounded(config_path, MAX_CONFIG_BYTES, name, "config")
+    config = _parse_config(raw_config, name)
     _check_features(config, name)
     params = LoraParams.from_config(config, name)
-    data = _read_bounded(weights_path, cfg.max_file_bytes, name, "max_file_bytes")
+    data, weights_stat = _read_bounded(weights_path, cfg.max_file_bytes, name, "max_file_bytes")
     header = parse_safetensors_header(data, name)
     plan = _plan_modules(header, name, spec, params, cfg.max_rank)
     tensors = _load_tensors(data, header, name)
     modules = {
-        module: _make_module(tensors, keys, params, module, name)
+        module: _make_module(tensors, keys, params, module, name, spec)
         for module, keys in plan.items()
     }
     # Last, so an adapter refused for anything else is never also warned about.
@@ -105,8 +127,12 @@ def read_adapter(
         modules=modules,
         content_hash=content_hash(data, params),
         base_model_name=_base_name(config),
-        source=Path(directory),
+        source=directory,
         config=config,
+        files=(
+            FileStamp.of(entry / CONFIG_FILE, config_stat),
+            FileStamp.of(entry / WEIGHTS_FILE, weights_stat),
+        ),
     )
 
 
@@ -122,7 +148,7 @@ def _locate_files(directory: Path, name: str) -> tuple[Path, Path]:
     try:
         entries = set(os.listdir(directory))
     except OSError as e:
-        raise _refuse(name, "files", f"cannot list {directory}: {e.strerror}") from None
+        raise _refuse(name, "files", f"cannot list {name}/: {e.strerror}") from None
     if WEIGHTS_FILE not in entries:
         pickles = sorted(e for e in entries if e.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
@@ -134,53 +160,91 @@ def _locate_files(directory: Path, name: str) -> tuple[Path, Path]:
             )
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in entries]
     if missing:
-        raise _refuse(name, "files", f"{directory} is missing {', '.join(missing)}")
+        raise _refuse(name, "files", f"{name}/ is missing {', '.join(missing)}")
     return directory / CONFIG_FILE, directory / WEIGHTS_FILE
 
 
-def _read_bounded(path: Path, limit: int, name: str, limit_name: str) -> bytes:
-    """All bytes of a regular file inside its adapter directory, at most `limit`.
+def _read_bounded(
+    path: Path, limit: int, name: str, limit_name: str
+) -> tuple[bytes, os.stat_result]:
+    """All bytes of a regular file inside its adapter directory, at most `limit`, and
+    the stat of the descriptor they were read from, taken before reading.
 
     The size is checked on the open descriptor before any data is read.
     """
+    shown = f"{name}/{path.name}"  # the path under the root: callers never see ours
     real = os.path.realpath(path)
     dir_real = os.path.realpath(path.parent)
     if real == dir_real or not is_within(real, dir_real):
-        raise _refuse(
-            name, "symlink", f"{path.name} resolves to {real}, outside the adapter directory"
-        )
+        _log.warning("adapter %r: %s resolves to %s, outside %s", name, path.name, real, dir_real)
+        raise _refuse(name, "symlink", f"{shown} resolves outside the adapter directory")
     try:
         # O_NOFOLLOW: the checked real path must not become a symlink under us;
         # O_NONBLOCK: a FIFO planted in the directory must not hang the reader.
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
-        raise _refuse(name, "files", f"cannot open {path.name}: {e.strerror}") from None
+        raise _refuse(name, "files", f"cannot open {shown}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise _refuse(name, "files", f"{path.name} is not a regular file")
+            raise _refuse(name, "files", f"{shown} is not a regular file")
         if st.st_size > limit:
             raise _refuse(
-                name, "size", f"{path.name} is {st.st_size} bytes, over the {limit_name} "
+                name, "size", f"{shown} is {st.st_size} bytes, over the {limit_name} "
                 f"limit of {limit} bytes",
             )
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise _refuse(name, "size", f"{path.name} grew past {limit} bytes while reading")
-    return data
+        raise _refuse(name, "size", f"{shown} grew past {limit} bytes while reading")
+    return data, st
 
 
 # ---------------------------------------------------------------- config
 
 
 def _parse_config(raw: bytes, name: str) -> dict:
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _refuse(name, "config", f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    config = _load_json(raw, name, "config", CONFIG_FILE)
     if not isinstance(config, dict):
         raise _refuse(name, "config", f"{CONFIG_FILE} must hold a JSON object")
     return config
+
+
+def _load_json(raw: bytes, name: str, check: str, what: str, **kw):
+    """json.loads, refusing invalid JSON and nesting deeper than MAX_JSON_DEPTH.
+
+    The C decoder raises RecursionError (cleanly) past the interpreter's limit; a
+    shallower but still absurd nesting is measured after parsing.
+    """
+    too_deep = _refuse(
+        name, check, f"{what} is not valid: nesting too deep (over {MAX_JSON_DEPTH} levels)"
+    )
+    try:
+        value = json.loads(raw, **kw)
+    except RecursionError:
+        raise too_deep from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _refuse(name, check, f"{what} is not valid JSON: {e}") from None
+    if _exceeds_depth(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def _exceeds_depth(value, limit: int) -> bool:
+    """Whether arrays/objects nest more than `limit` levels; iterative, so any depth
+    the parser accepted is measured without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
 
 
 def _check_features(config: dict, name: str) -> None:
@@ -350,11 +414,10 @@ def parse_safetensors_header(data: bytes, name: str) -> dict[str, TensorInfo]:
             name, "header", f"{WEIGHTS_FILE} declares a {n}-byte header; the file has "
             f"{len(data) - 8} bytes after the length and the limit is {MAX_HEADER_BYTES}",
         )
-    try:
-        # Duplicate keys would make our view differ from the loader's.
-        header = json.loads(data[8 : 8 + n], object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _refuse(name, "header", f"{WEIGHTS_FILE} header is not valid JSON: {e}") from None
+    # Duplicate keys would make our view differ from the loader's.
+    header = _load_json(
+        data[8 : 8 + n], name, "header", f"{WEIGHTS_FILE} header", object_pairs_hook=_no_duplicates
+    )
     if not isinstance(header, dict):
         raise _refuse(name, "header", f"{WEIGHTS_FILE} header is not a JSON object")
     header.pop("__metadata__", None)
@@ -467,8 +530,18 @@ def _plan_modules(header, name, spec: BaseModelSpec, params: LoraParams, max_ran
                 raise _refuse(name, "keys", f"module {module} has no {kind} weight")
         _check_shapes(header[kinds["lora_A"]], header[kinds["lora_B"]], module, name, spec,
                       params, max_rank)
+        _check_scale(params, module, name)
         plan[module] = _ModuleKeys(kinds["lora_A"], kinds["lora_B"])
     return plan
+
+
+def _check_scale(params: LoraParams, module: str, name: str) -> None:
+    s = params.scale_for(module)
+    if not math.isfinite(s) or abs(s) > MAX_SCALE:
+        raise _refuse(
+            name, "scale", f"{module} has scale {s:.3g} (lora_alpha / r from the config, or "
+            f"alpha_pattern / rank_pattern); the limit is ±{MAX_SCALE:g}",
+        )
 
 
 def _check_shapes(a: TensorInfo, b: TensorInfo, module, name, spec, params, max_rank) -> None:
@@ -490,13 +563,48 @@ def _check_shapes(a: TensorInfo, b: TensorInfo, module, name, spec, params, max_
         )
 
 
-def _make_module(tensors, keys: _ModuleKeys, params: LoraParams, module, name) -> LoraModule:
+def _make_module(tensors, keys: _ModuleKeys, params: LoraParams, module, name,
+                 spec: BaseModelSpec) -> LoraModule:
     a = tensors[keys.a].to(device="cpu", dtype=torch.float32).contiguous()  # [r, d_in]
     b = tensors[keys.b].to(device="cpu", dtype=torch.float32).contiguous()  # [d_out, r]
     for key, t in ((keys.a, a), (keys.b, b)):
-        if not torch.isfinite(t).all():
-            raise _refuse(name, "finite", f"tensor {key!r} holds non-finite values (NaN/Inf)")
-    return LoraModule(A=a, B=b, scale=params.scale_for(module))
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            # Counted in float32: float64 values past its range arrive as Inf.
+            raise _refuse(
+                name, "finite", f"{module}: tensor {key!r} holds {bad} non-finite "
+                f"value(s) (NaN/Inf) of {t.numel()}",
+            )
+    m = LoraModule(A=a, B=b, scale=params.scale_for(module))
+    _check_delta_norm(m, module, name, spec.targets[module].weight_norm)
+    return m
+
+
+def delta_norm(m: LoraModule) -> float:
+    """‖s·B·A‖_F from the factors alone: ‖BA‖_F² = Σ (BᵀB)∘(AAᵀ), two [r, r] Gram
+    matrices instead of the [d_out, d_in] product. In float64, where squares of
+    finite float32 values cannot overflow."""
+    a, b = m.A.double(), m.B.double()  # [r, d_in], [d_out, r]
+    squared = float(((b.t() @ b) * (a @ a.t())).sum())
+    return abs(m.scale) * math.sqrt(max(squared, 0.0))  # rounding can dip below 0
+
+
+def _check_delta_norm(m: LoraModule, module: str, name: str, base_norm: float | None) -> None:
+    """Refuse a ΔW that float32 cannot hold, or one over MAX_DELTA_TO_BASE_NORM times
+    its base weight (not checked where the spec has no norm, or a zero weight)."""
+    norm = delta_norm(m)
+    if norm > torch.finfo(torch.float32).max:
+        raise _refuse(
+            name, "delta_norm", f"{module}: the update s·B·A has Frobenius norm {norm:.3g}, "
+            "past what float32 holds",
+        )
+    if not base_norm or norm <= MAX_DELTA_TO_BASE_NORM * base_norm:
+        return
+    raise _refuse(
+        name, "delta_norm", f"{module}: the update s·B·A has Frobenius norm {norm:.3g}, "
+        f"{norm / base_norm:.3g} times the base weight's {base_norm:.3g}; the limit is "
+        f"{MAX_DELTA_TO_BASE_NORM:g} times (trained adapters are about 0.01-1 times)",
+    )
 
 
 def content_hash(data: bytes, params: LoraParams) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,17 +25,18 @@ from loramux.engine.kv_cache import KvCache
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.pins import PinController, Swap
 from loramux.engine.resolver import Resolver
-from loramux.engine.sampling import RowSampler
+from loramux.engine.sampling import RowFailure, RowSampler
 from loramux.engine.scheduler import Chunk, Limits, Scheduler
 from loramux.engine.sequence import Sequence
 from loramux.engine.types import (
+    FAILURE_NUMERIC,
     RESOLVED_ADAPTER,
     RESOLVED_MERGE,
     GenerationRequest,
     GenerationResult,
     TokenEvent,
 )
-from loramux.errors import InvalidArgument, LoramuxError, ResourceExhausted
+from loramux.errors import FailedPrecondition, InvalidArgument, LoramuxError, ResourceExhausted
 from loramux.merging.materialize import MergeReport
 from loramux.merging.service import MergeService
 from loramux.merging.spec import MixSpec
@@ -42,6 +44,10 @@ from loramux.model.loader import LoadedModel
 from loramux.model.lora_layers import LoraContext
 
 log = logging.getLogger(__name__)
+
+# A long prompt is first tokenized this many characters per allowed token: far
+# more than real text has (3-5), so a prompt over the limit is refused from it.
+_TYPICAL_CHARS_PER_TOKEN = 8
 
 
 class Engine:
@@ -61,6 +67,7 @@ class Engine:
         self.tokenizer, self.device = loaded.tokenizer, loaded.device
         self.eos_ids = _eos_ids(loaded)
         self.max_len = max_sequence_length(loaded, config.max_seq_len)
+        self._max_token_chars = _longest_token_chars(self.tokenizer)
         self.resolver = Resolver(store, merges, pool.max_rank)
         self.scheduler = Scheduler(
             Limits(config.max_batch_rows, config.max_batch_tokens, config.prefill_chunk_tokens),
@@ -69,18 +76,32 @@ class Engine:
         self.runner = ModelRunner(loaded.model, kv, pool, ctx, loaded.device)
         self._deferred_release: set[str] = set()
         self.last_step_tokens = 0
+        self.row_failures = 0  # rows ended by non-finite logits (their own weights)
         store.subscribe_evictions(self._on_adapter_evicted)
         merges.cache.subscribe(self._on_adapter_evicted)
 
     # ---- requests (any thread) -------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> None:
+    def submit(
+        self,
+        request: GenerationRequest,
+        received_at: float | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
         """Validate, tokenize and resolve the adapter, then queue the request.
 
         Errors (bad parameters, unknown adapter, prompt too long) raise here, in the
-        caller's thread, before anything touches the running rows.
+        caller's thread, before anything touches the running rows. received_at:
+        time.monotonic() when the caller got the request (its timings count from
+        there, admission and merging included). check: called between units of a
+        merge; raises to abandon it (its caller left, or its time is up).
         """
-        self.scheduler.submit(self._make_sequence(request))
+        self.scheduler.submit(self._make_sequence(request, received_at, check))
+
+    def needs_merge(self, request: GenerationRequest) -> bool:
+        """The request names a mix or merge that is not merged yet: admitting it
+        may take seconds (callers admit it apart from the rest)."""
+        return self.resolver.needs_merge(request)
 
     def cancel(self, request_id: str) -> None:
         """The request stops at the next step boundary (its row is freed then)."""
@@ -145,6 +166,8 @@ class Engine:
         return self._merges.create(name, spec, replace_existing)
 
     def delete_merge(self, name: str) -> None:
+        if self.pinned == f"merge:{name}":
+            raise FailedPrecondition(f"merge {name!r} is pinned into the base weights; unpin it first")
         self._merges.delete(name)
 
     def list_merges(self) -> list[tuple[str, MixSpec, MergeReport | None]]:
@@ -282,11 +305,21 @@ class Engine:
         tokens = self.runner.step(chunks)
         self.scheduler.commit(chunks)
         sampling = [c.seq for c in chunks if c.samples]
-        events = [seq.accept(tok) for seq, tok in zip(sampling, tokens)]
+        events = [
+            seq.fail(tok.message, FAILURE_NUMERIC) if isinstance(tok, RowFailure) else seq.accept(tok)
+            for seq, tok in zip(sampling, tokens)
+        ]
+        self.row_failures += sum(isinstance(t, RowFailure) for t in tokens)
         self.scheduler.remove_finished()
         return events
 
-    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+    def _make_sequence(
+        self,
+        request: GenerationRequest,
+        received_at: float | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> Sequence:
+        received_at = time.monotonic() if received_at is None else received_at
         request.sampling.validate(self.max_len)
         prompt_ids = self._encode(request)
         if len(prompt_ids) >= self.max_len:
@@ -297,7 +330,7 @@ class Engine:
         # One snapshot: a pin landing meanwhile leaves this row on an older epoch,
         # and admission rebinds it.
         pin = self._pins.state
-        requested, resolution = self.resolver.resolve(request, pin)
+        requested, resolution = self.resolver.resolve(request, pin, check)
         return Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -310,6 +343,7 @@ class Engine:
             requested=requested,
             pin_epoch=pin.epoch,
             resolution=resolution,
+            submitted_at=received_at,
         )
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -330,17 +364,40 @@ class Engine:
             _check_messages(request.messages)
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidArgument("the base model has no chat template; send a prompt")
+            self._check_text_size(sum(len(m.get("content", "")) for m in request.messages))
             text = self.tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, tokenize=False
             )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._tokenize(text, add_special_tokens=False)
         else:
             if not request.prompt:
                 raise InvalidArgument("prompt is empty")
-            ids = self.tokenizer(request.prompt)["input_ids"]
+            self._check_text_size(len(request.prompt))
+            ids = self._tokenize(request.prompt)
         if not ids:
             raise InvalidArgument("prompt encodes to no tokens")
         return ids
+
+    def _check_text_size(self, chars: int) -> None:
+        """Refuse text that cannot fit before tokenizing it: no token covers more
+        characters than the longest vocabulary entry."""
+        if chars > self.max_len * self._max_token_chars:
+            raise InvalidArgument(
+                f"prompt has {chars} characters, more than {self.max_len - 1} tokens can hold"
+            )
+
+    def _tokenize(self, text: str, **kw) -> list[int]:
+        """Token ids of `text`, refusing a prompt over the limit after tokenizing at
+        most a bounded prefix of it (a long prompt costs milliseconds to refuse)."""
+        head = self.max_len * _TYPICAL_CHARS_PER_TOKEN
+        if len(text) > head:
+            # A cut can split one token in two, hence the margin of 2.
+            n = len(self.tokenizer(text[:head], **kw)["input_ids"])
+            if n >= self.max_len + 2:
+                raise InvalidArgument(
+                    f"prompt has more than {self.max_len - 1} tokens, the limit"
+                )
+        return self.tokenizer(text, **kw)["input_ids"]
 
     def _rebind_waiting(self) -> list[TokenEvent]:
         """Waiting rows resolved before the last pin/unpin get their adapter for the
@@ -351,6 +408,8 @@ class Engine:
         for seq in stale:
             try:
                 seq.adapter, seq.pin_epoch = self.resolver.on_weights(seq.requested, pin), pin.epoch
+                if seq.requested is None:  # base or pinned: say which weights answer now
+                    seq.resolution = self.resolver.unselected(pin)
             except LoramuxError as e:
                 failed[seq.request_id] = (seq, str(e))
         if not failed:
@@ -474,6 +533,13 @@ def _check_messages(messages: list[dict[str, str]]) -> None:
             raise InvalidArgument(f"message {i} has unknown role {m['role']!r}")
         if not isinstance(m.get("content", ""), str):
             raise InvalidArgument(f"message {i} content must be a string")
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token decodes to: the longest
+    vocabulary entry (byte-level entries are at least as long as their text)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(t) for t in vocab), default=1) if vocab else 1
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:

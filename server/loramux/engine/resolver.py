@@ -4,6 +4,8 @@ weights (the adapter itself, or adapter − P while a merge P is pinned)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from loramux.adapters.store import AdapterStore
 from loramux.adapters.types import LoraAdapter
 from loramux.engine.pins import PinState
@@ -28,8 +30,11 @@ class Resolver:
     def __init__(self, store: AdapterStore, merges: MergeService, max_rank: int):
         self.store, self.merges, self.max_rank = store, merges, max_rank
 
-    def resolve(self, request: GenerationRequest, pin: PinState) -> tuple[LoraAdapter | None, Resolution]:
-        """(adapter or virtual merged adapter, how it was found) for the request."""
+    def resolve(
+        self, request: GenerationRequest, pin: PinState, check: Callable[[], None] | None = None
+    ) -> tuple[LoraAdapter | None, Resolution]:
+        """(adapter or virtual merged adapter, how it was found) for the request.
+        check: passed to a merge, which calls it between modules (it raises to stop)."""
         chosen = [x for x in (request.adapter, request.merge, request.mix) if x is not None]
         if len(chosen) > 1:
             raise InvalidArgument("give at most one of adapter, merge or mix")
@@ -38,14 +43,27 @@ class Resolver:
             adapter = self.store.get(request.adapter)
             return adapter, Resolution(RESOLVED_ADAPTER, request.adapter, hit)
         if request.merge is not None:
-            adapter, report = self.merges.resolve(self.merges.get(request.merge))
+            adapter, report = self.merges.resolve(self.merges.get(request.merge), check=check)
             return adapter, Resolution(RESOLVED_MERGE, request.merge, report.cache_hit, report)
         if request.mix is not None:
-            adapter, report = self.merges.resolve(request.mix)
+            adapter, report = self.merges.resolve(request.mix, check=check)
             return adapter, Resolution(RESOLVED_MIX, request.mix.describe(), report.cache_hit, report)
+        return None, self.unselected(pin)
+
+    @staticmethod
+    def unselected(pin: PinState) -> Resolution:
+        """A request naming no adapter gets whatever the weights are: the pinned
+        merge, or the base model."""
         if pin.label is not None:
-            return None, Resolution(RESOLVED_PINNED, pin.label)
-        return None, Resolution(RESOLVED_BASE)
+            return Resolution(RESOLVED_PINNED, pin.label)
+        return Resolution(RESOLVED_BASE)
+
+    def needs_merge(self, request: GenerationRequest) -> bool:
+        """The request's mix or named merge is not in the merge cache yet."""
+        spec = request.mix
+        if spec is None and request.merge is not None:
+            spec = self.merges.list().get(request.merge)
+        return spec is not None and not self.merges.is_cached(spec)
 
     def on_weights(self, requested: LoraAdapter | None, pin: PinState) -> LoraAdapter | None:
         """What a row must add so it computes W + ΔW_requested on the weights of `pin`:
@@ -59,7 +77,8 @@ class Resolver:
             )
         pin_id = f"pin{pin.epoch}"
         return self.merges.cache.get_or_load(
-            f"{requested.name}~{pin_id}",
+            # Keyed by content too: a reloaded adapter must not get the old compensation.
+            f"{requested.name}@{requested.content_hash}~{pin_id}",
             lambda: compensated_adapter(requested, pin.factors, pin_id, self.max_rank),
         )
 

@@ -5,7 +5,7 @@ Semantics (per row, matching HF `generate` with the same parameters):
     if repetition_penalty != 1:                      # CTRL, arXiv:1909.05858
         for t in set(prompt_ids + generated_ids):
             scores[t] = scores[t] * p if scores[t] < 0 else scores[t] / p
-    if temperature == 0: return argmax(scores)       # greedy; warpers do not apply
+    if temperature < 1e-5: return argmax(scores)     # greedy; warpers do not apply
     scores = scores / temperature
     if top_k: drop tokens below the k-th largest score
     if top_p < 1: drop the low tail whose total probability is <= 1 - top_p (keep >= 1)
@@ -13,6 +13,11 @@ Semantics (per row, matching HF `generate` with the same parameters):
 
 The torch code here is the reference and the only backend: per step it is a handful
 of [N, V] ops plus one multinomial per sampled row, small next to the forward pass.
+
+A row is isolated: logits that are not finite (an adapter or mix whose weights
+overflow float32) end that row with a `RowFailure`, never the step; scores that
+overflow only in the warpers (a huge logit over a small temperature) take their
+limit, the argmax, instead of feeding NaN to the multinomial.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from loramux.errors import InvalidArgument
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 _MAX_SEED = 2**64  # torch.Generator.manual_seed takes a 64-bit unsigned seed
+# Below this a temperature is greedy (vLLM's rule too): dividing float32 logits by
+# less would overflow, and the limit of sampling as T -> 0 is the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+# Penalties outside this range change nothing more (a token is already never or
+# always picked) and only risk float32 overflow.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,8 @@ class SamplingParams:
     """How one request picks its tokens.
 
     max_new_tokens: generated tokens at most (the prompt does not count).
-    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    temperature: 0 (or below 1e-5) means greedy (argmax); otherwise logits are
+      divided by it.
     top_k: keep only the k most likely tokens; 0 turns it off.
     top_p: nucleus sampling, keep the smallest set with probability >= top_p; 1 is off.
     repetition_penalty: HF/CTRL semantics over prompt + generated tokens; 1 is off.
@@ -70,9 +82,10 @@ class SamplingParams:
             raise InvalidArgument(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:  # also rejects NaN
             raise InvalidArgument(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:  # also rejects NaN
             raise InvalidArgument(
-                "repetition_penalty must be a finite number > 0 (1 turns it off), "
+                f"repetition_penalty must be between {lo:g} and {hi:g} (1 turns it off), "
                 f"got {self.repetition_penalty}"
             )
         if self.seed is not None and not 0 <= self.seed < _MAX_SEED:
@@ -94,7 +107,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class RowSampler:
@@ -155,16 +168,45 @@ def process_logits(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor
     return scores
 
 
-def sample_next(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
-    """Next token id for each row; logits: [N, V] at each row's last position.
+class RowFailure:
+    """A row that cannot sample: why, for its caller. Stands in the token list."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"RowFailure({self.message!r})"
+
+
+NONFINITE_LOGITS = (
+    "the model produced non-finite logits (NaN or Inf) for this request: the weights it "
+    "selected (adapter, merge or mix weights) overflow float32; other requests are unaffected"
+)
+
+
+def sample_next(logits: torch.Tensor, rows: list[RowSampler]) -> list[int | RowFailure]:
+    """Next token id for each row, or a RowFailure for a row whose logits are not
+    finite; logits: [N, V] at each row's last position.
 
     Does not call `observe`; the caller records the token it keeps.
     """
+    finite = torch.isfinite(logits).all(dim=-1).tolist()  # [N]
     if all(r.plain_greedy for r in rows):
-        return logits.argmax(dim=-1).tolist()
+        ids = logits.argmax(dim=-1).tolist()
+    else:
+        ids = _sample(logits, rows)
+    return [t if ok else RowFailure(NONFINITE_LOGITS) for t, ok in zip(ids, finite)]
+
+
+def _sample(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     scores = process_logits(logits, rows)  # [N, V] float32
-    next_ids = scores.argmax(dim=-1)  # [N]
+    next_ids = scores.nan_to_num(nan=-math.inf).argmax(dim=-1)  # [N]
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    # A row whose warped scores overflowed (a +inf, or nothing left to draw) takes
+    # the argmax, the limit of what it asked for; NaN never reaches multinomial.
+    ok = torch.isfinite(scores).logical_or(scores == -math.inf).all(dim=-1)
+    ok &= (scores > -math.inf).any(dim=-1)
+    sampled = [i for i, good in zip(sampled, ok[sampled].tolist()) if good]
     if sampled:
         probs = torch.softmax(scores[sampled], dim=-1)  # [S, V]
         # One multinomial per row so each row draws only from its own generator.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from loramux.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loramux.engine.sampling import RowSampler
 from loramux.engine.types import (
+    FAILURE_PRECONDITION,
     FINISH_CANCELLED,
     FINISH_EOS,
     FINISH_ERROR,
@@ -52,6 +53,7 @@ class Sequence:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None
     cancelled: bool = False
 
     @property
@@ -117,9 +119,10 @@ class Sequence:
         self.finish_reason = FINISH_CANCELLED
         return TokenEvent(self.request_id, "", None, self._result_if_done())
 
-    def fail(self, message: str) -> TokenEvent:
-        """End before running (e.g. its adapter cannot be served on new weights)."""
-        self.finish_reason, self.error = FINISH_ERROR, message
+    def fail(self, message: str, kind: str = FAILURE_PRECONDITION) -> TokenEvent:
+        """End with an error: its adapter cannot be served on new weights, or its
+        logits were not finite. Its tokens so far stay in the result."""
+        self.finish_reason, self.error, self.error_kind = FINISH_ERROR, message, kind
         return TokenEvent(self.request_id, "", None, self._result_if_done())
 
     def _result_if_done(self) -> GenerationResult | None:
@@ -134,6 +137,7 @@ class Sequence:
             resolution=self.resolution,
             timings=self._timings(),
             error=self.error,
+            error_kind=self.error_kind,
         )
 
     def _timings(self) -> Timings:

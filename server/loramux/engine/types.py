@@ -15,6 +15,10 @@ FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
 
+# Why a row ended with FINISH_ERROR (the service maps each to a status code).
+FAILURE_PRECONDITION = "precondition"  # its selection cannot be served on the weights now in place
+FAILURE_NUMERIC = "numeric"  # its weights produced non-finite logits
+
 
 @dataclass
 class GenerationRequest:
@@ -81,6 +85,7 @@ class GenerationResult:
     resolution: Resolution = field(default_factory=Resolution)
     timings: Timings = field(default_factory=Timings)
     error: str | None = None  # set when finish_reason is "error"
+    error_kind: str | None = None  # FAILURE_* when finish_reason is "error"
 
     @property
     def merge(self) -> MergeReport | None:

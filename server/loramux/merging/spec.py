@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from loramux.errors import InvalidArgument
 
 MAX_MIX_ADAPTERS = 16
+# Useful weights are around 0-2 (task arithmetic goes to a few); far beyond, a
+# delta only overflows float32 activations and the row produces NaN.
+MAX_MIX_WEIGHT = 100.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class MixSpec:
         for n, w in pairs:
             if not math.isfinite(w):
                 raise InvalidArgument(f"weight of {n!r} is not finite: {w}")
+            if abs(w) > MAX_MIX_WEIGHT:
+                raise InvalidArgument(
+                    f"weight of {n!r} is {w:g}; weights are limited to ±{MAX_MIX_WEIGHT:g}"
+                )
         if not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise InvalidArgument(f"seed must be an integer in [0, 2^63), got {seed!r}")
         return cls(pairs, str(method), tuple(sorted((params or {}).items())), seed)

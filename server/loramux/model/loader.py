@@ -147,7 +147,7 @@ def build_spec(model: nn.Module, name: str, aliases: tuple[str, ...] = ()) -> Ba
     """Identity and LoRA targets of a loaded model, found by module name and type
     (every nn.Linear inside a `layers.N.` block, plain or bitsandbytes)."""
     targets = {
-        mod_name: TargetModule(mod_name, mod.in_features, mod.out_features)
+        mod_name: TargetModule(mod_name, mod.in_features, mod.out_features, _weight_norm(mod))
         for mod_name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and _DECODER_LINEAR.search(mod_name)
     }
@@ -164,6 +164,25 @@ def build_spec(model: nn.Module, name: str, aliases: tuple[str, ...] = ()) -> Ba
         targets=targets,
         aliases=aliases,
     )
+
+
+def _weight_norm(linear: nn.Linear) -> float | None:
+    """Frobenius norm of a linear's weight as it computes (bitsandbytes weights
+    dequantized), in float32; None for a layout not decoded here.
+
+    Runs once, right after loading: no forward has repacked a 4-bit weight for
+    bitsandbytes' CPU kernel yet, so dequantize_4bit reads it as stored.
+    """
+    w = linear.weight  # not detached: that would drop bitsandbytes' attributes
+    if getattr(w, "quant_state", None) is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(w.data, w.quant_state)
+    elif getattr(w, "SCB", None) is not None:  # LLM.int8, row-wise: W = CB · SCB / 127
+        w = w.CB.float() * (w.SCB.float().unsqueeze(1) / 127.0)
+    if not w.dtype.is_floating_point:
+        return None
+    return float(torch.linalg.vector_norm(w.detach(), dtype=torch.float32))
 
 
 def load_base_model(cfg: ModelConfig) -> LoadedModel:

@@ -13,11 +13,14 @@ class TargetModule:
 
     name: full module path in the base model, e.g. "model.layers.0.self_attn.q_proj".
     d_in, d_out: the linear's shapes; its weight is [d_out, d_in].
+    weight_norm: Frobenius norm of the base weight (float32, as loaded), which the
+      adapter reader bounds each ΔW against; None when it was not computed.
     """
 
     name: str
     d_in: int
     d_out: int
+    weight_norm: float | None = None
 
     @property
     def short_name(self) -> str:

@@ -23,14 +23,17 @@ class AdminService(pb_grpc.AdminServicer):
 
     @unary("ListAdapters")
     async def ListAdapters(self, request, context):
-        engine = self.state.ready().engine
-        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in engine.list_adapters()])
+        st = self.state.ready()
+        # Off the event loop: listing reads the adapter roots' directories.
+        adapters = await st.runner.call(st.engine.list_adapters)
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in adapters])
 
     @unary("LoadAdapter")
     async def LoadAdapter(self, request, context):
         st = self.state.ready()
         await st.runner.call(st.engine.load_adapter, request.name, request.keep)
-        info = next((a for a in st.engine.list_adapters() if a.name == request.name), None)
+        listed = st.engine.list_adapters()
+        info = next((a for a in listed if a.name == request.name and a.cached), None)
         if info is None:  # evicted again at once: the cache is too small for it
             raise FailedPrecondition(f"adapter {request.name!r} loaded but was evicted at once")
         return convert.adapter_info(info)

@@ -38,7 +38,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         if token is None or handler is None:
             return handler
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        if hmac.compare_digest(_credentials(sent).encode(), token.encode()):
             return handler
         message = (
             f"missing or wrong {which} token: send metadata 'authorization: Bearer <token>'"
@@ -46,6 +46,13 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         # A known method (handler is not None), so the label set stays bounded.
         self._on_denied(details.method.rsplit("/", 1)[-1])
         return _denied(handler, message)
+
+
+def _credentials(header: str) -> str:
+    """The token of an 'authorization: Bearer <token>' header ('' when the scheme is
+    not Bearer). The scheme is case-insensitive (RFC 7235 section 2.1)."""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -163,9 +163,10 @@ def _finite(x: float) -> float:
 
 
 def adapter_info(a: AdapterInfo) -> pb.AdapterInfo:
+    """`cached` is always set: clients read it unset as an older server's true."""
     return pb.AdapterInfo(
         name=a.name, rank=a.rank, bytes=a.nbytes, modules=a.num_modules, pinned=a.pinned,
-        base_model=a.base_model_name or "", content_hash=a.content_hash,
+        base_model=a.base_model_name or "", content_hash=a.content_hash, cached=a.cached,
     )
 
 

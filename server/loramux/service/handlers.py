@@ -9,8 +9,11 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+from google.protobuf import message_factory
+
 from loramux.engine.engine import Engine
-from loramux.errors import Unavailable
+from loramux.errors import InvalidArgument, Unavailable
 from loramux.service.metrics import Metrics
 from loramux.service.runner import EngineRunner
 from loramux.service.status import status_of
@@ -33,6 +36,48 @@ class ServerState:
             reason = "loading the model" if self.runner is None else "shutting down"
             raise Unavailable(f"the server is {reason}; retry shortly")
         return self
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Stands in for a request whose bytes did not decode (see `add_servicer`)."""
+
+    message_type: str
+
+
+def _lenient(message_class):
+    """A request deserializer that never raises: grpc would answer UNKNOWN with a
+    Python class name; the handler answers INVALID_ARGUMENT instead."""
+
+    def decode(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, or a nested message too deep
+            return Malformed(message_class.DESCRIPTOR.full_name)
+
+    return decode
+
+
+def add_servicer(server, servicer, service) -> None:
+    """Register `servicer` for the service descriptor `service`, as the generated
+    add_*Servicer_to_server does, but with lenient request decoding."""
+    handlers = {}
+    for m in service.methods:
+        request_cls = message_factory.GetMessageClass(m.input_type)
+        response_cls = message_factory.GetMessageClass(m.output_type)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"the request is not a valid {request.message_type} message (protobuf decoding failed)")
 
 
 def _cancel_code(context) -> str:
@@ -62,6 +107,7 @@ def unary(rpc: str):
         @functools.wraps(fn)
         async def handler(self, request, context):
             async with _reported(self.state, rpc, context):
+                _check_decoded(request)
                 return await fn(self, request, context)
 
         return handler
@@ -76,6 +122,7 @@ def streaming(rpc: str):
         @functools.wraps(fn)
         async def handler(self, request, context):
             async with _reported(self.state, rpc, context):
+                _check_decoded(request)
                 async for item in fn(self, request, context):
                     yield item
 

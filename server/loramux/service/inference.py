@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loramux.service import convert
 from loramux.service.handlers import ServerState, streaming, unary
-from loramux.service.runner import RequestStream
+from loramux.service.runner import RequestStream, ShutdownCut
 from loramux_api.v1 import loramux_pb2 as pb
 from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -40,5 +40,9 @@ class InferenceService(pb_grpc.InferenceServicer):
                     msg.result.CopyFrom(convert.generate_response(event.result, caller_id))
                 if msg.text or msg.token_ids or event.result is not None:
                     yield msg
+        except ShutdownCut as cut:
+            # The last message says where the stream ended; the status says why.
+            yield pb.GenerateStreamResponse(result=convert.generate_response(cut.result, caller_id))
+            raise
         finally:
             stream.cancel()

@@ -14,7 +14,8 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,18 +23,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from loramux.config import EngineConfig, ServerConfig, load_toml
+from loramux.config import ConfigError, EngineConfig, ServerConfig
 from loramux.engine.engine import Engine
 from loramux.service.admin import AdminService
 from loramux.service.auth import BearerTokenAuth
-from loramux.service.handlers import ServerState
+from loramux.service.handlers import ServerState, add_servicer
 from loramux.service.inference import InferenceService
 from loramux.service.metrics import Metrics, StateCollector, serve_metrics
 from loramux.service.runner import EngineRunner, RunnerLimits
 from loramux_api.v1 import loramux_pb2 as pb
-from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds before the end of the grace period at which unfinished requests are cut.
+_CUT_MARGIN_SECONDS = 2.0
 
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Inference", "Admin"))
 
@@ -69,31 +72,45 @@ class LoramuxServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc = self._build_grpc()
         await self._grpc.start()
+        log.info("gRPC listening on %s (NOT_SERVING until the model is loaded)", _address(self.cfg.host, self.port))
         if self.cfg.metrics_port >= 0:
-            self._http = serve_metrics(self.registry, self.cfg.metrics_host, self.cfg.metrics_port)
+            host = self.cfg.metrics_bind_host  # the gRPC host unless metrics_host says otherwise
+            self._http = serve_metrics(self.registry, host, self.cfg.metrics_port)
             self.metrics_port = self._http.server_port
+            log.info("metrics on http://%s/metrics", _address(host, self.metrics_port))
         engine: Engine = await asyncio.get_running_loop().run_in_executor(None, self._engine_factory)
-        runner = EngineRunner(
-            engine, RunnerLimits(engine.config.max_batch_rows + self.cfg.max_waiting), self.state.metrics
+        merges = engine.config.merges
+        limits = RunnerLimits(
+            engine.config.max_batch_rows + self.cfg.max_waiting,
+            merge_workers=merges.max_concurrent, merge_timeout=merges.timeout_seconds,
         )
+        runner = EngineRunner(engine, limits, self.state.metrics)
         runner.start()
         self.state.engine, self.state.runner = engine, runner
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s:%s, metrics on %s", self.cfg.host, self.port, self.metrics_port)
+        metrics = _address(self.cfg.metrics_bind_host, self.metrics_port) if self._http is not None else "off"
+        log.info("serving gRPC on %s, metrics on %s", _address(self.cfg.host, self.port), metrics)
         if self.cfg.port_file is not None:
             _write_atomic(self.cfg.port_file, f"{self.port} {self.metrics_port or -1}\n")
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within
-        the grace period, then stop everything."""
+        """Drain within the grace period: NOT_SERVING, refuse new requests, let
+        in-flight ones finish, and shortly before the grace ends cut what is left
+        (each caller gets UNAVAILABLE saying so, streams a last message with what
+        was generated); then stop everything. Returns within `grace_seconds`."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.cfg.grace_seconds
+        # Room at the end of the grace to cut, deliver the final messages and close.
+        margin = min(_CUT_MARGIN_SECONDS, self.cfg.grace_seconds / 4)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         runner = self.state.runner
-        finished = await runner.drain(self.cfg.grace_seconds) if runner else True
+        finished = await runner.drain(max(end - margin - loop.time(), 0.0)) if runner else True
         if not finished:
-            log.warning("grace period over with %d requests in flight; cancelling them", runner.outstanding)
-        await self._grpc.stop(grace=1.0)
+            log.warning("grace period ending with %d requests in flight; cutting them", runner.outstanding)
+            await runner.cut(timeout=margin / 2)
+        await self._grpc.stop(grace=max(min(end - loop.time(), margin / 4), 0.0))
         if runner is not None:
-            runner.stop()
+            runner.stop(timeout=max(end - loop.time(), 0.1))
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -119,8 +136,8 @@ class LoramuxServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_InferenceServicer_to_server(InferenceService(self.state), server)
-        pb_grpc.add_AdminServicer_to_server(AdminService(self.state), server)
+        add_servicer(server, InferenceService(self.state), pb.DESCRIPTOR.services_by_name["Inference"])
+        add_servicer(server, AdminService(self.state), pb.DESCRIPTOR.services_by_name["Admin"])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -198,94 +215,56 @@ class ServerThread:
 # ---- the `serve` subcommand ------------------------------------------------------
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from loramux.cli import add_model_args
-
-    p.add_argument("--config", type=Path, help="TOML file ([server], [model], [adapters], "
-                   "[slots], [merges], [engine]); flags given on the command line win")
-    add_model_args(p)
-    g = p.add_argument_group("server")
-    d = ServerConfig()
-    g.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
-    g.add_argument("--port", type=int, default=d.port, help="gRPC port; 0 picks one (default: %(default)s)")
-    g.add_argument("--metrics-port", type=int, default=d.metrics_port,
-                   help="HTTP /metrics port; 0 picks one, -1 turns it off (default: %(default)s)")
-    g.add_argument("--max-waiting", type=int, default=d.max_waiting,
-                   help="queued requests beyond the running rows (default: %(default)s)")
-    g.add_argument("--max-batch-rows", type=int, default=EngineConfig.max_batch_rows,
-                   help="rows decoding together (default: %(default)s)")
-    g.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
-                   help="on SIGTERM, time in-flight requests get to finish (default: %(default)s)")
-    g.add_argument("--export-root", type=Path, help="directory Admin.Export writes into (off if unset)")
-    g.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
-    g.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    g.add_argument("--tls-client-ca", type=Path, help="CA bundle; requires client certificates (mTLS)")
-    g.add_argument("--api-token-file", type=Path,
-                   help="bearer token for Inference (else env LORAMUX_API_TOKEN; none: no auth)")
-    g.add_argument("--admin-token-file", type=Path,
-                   help="bearer token for Admin (else env LORAMUX_ADMIN_TOKEN, else the API token)")
-    g.add_argument("--port-file", type=Path, help="write '<grpc port> <metrics port>' here when serving")
-    p.set_defaults(serve_defaults={a.dest: a.default for a in p._actions})
-
-
-_SERVER_FLAGS = ("host", "port", "metrics_port", "max_waiting", "grace_seconds", "export_root",
-                 "tls_cert", "tls_key", "tls_client_ca", "api_token_file", "admin_token_file", "port_file")
-
-
-def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
-    """Engine and server configs: defaults, then the TOML file, then explicit flags."""
-    from loramux.cli import engine_config
-
-    explicit = {k for k, v in vars(args).items() if k in args.serve_defaults and v != args.serve_defaults[k]}
-    flags_engine = engine_config(args)
-    engine, server = load_toml(args.config) if args.config else (EngineConfig(), ServerConfig())
-    if args.config is None:
-        engine = flags_engine
-    else:
-        engine = _overlay_engine(engine, flags_engine, explicit)
-    if "max_batch_rows" in explicit or args.config is None:
-        engine.max_batch_rows = args.max_batch_rows
-        if "max_batch_tokens" not in explicit and engine.max_batch_tokens < engine.max_batch_rows:
-            engine.max_batch_tokens = engine.max_batch_rows  # every row decodes a token per step
-    server = replace(server, **{k: getattr(args, k) for k in _SERVER_FLAGS if k in explicit})
-    return engine.validate(), server.validate()
-
-
-# flag dest → (EngineConfig section, field)
-_ENGINE_FLAGS = {
-    "model": ("model", "path"), "model_cache": ("model", "cache_dir"), "device": ("model", "device"),
-    "dtype": ("model", "dtype"), "quantization": ("model", "quantization"),
-    "adapter_root": ("adapters", "roots"), "max_rank": ("adapters", "max_rank"),
-    "host_cache_bytes": ("adapters", "host_cache_bytes"), "slots": ("slots", "num_slots"),
-    "kv_cache_bytes": ("kv_cache", "bytes"), "kv_block_size": ("kv_cache", "block_size"),
-    "prefix_caching": ("kv_cache", "prefix_caching"),
-    "max_batch_tokens": (None, "max_batch_tokens"), "prefill_chunk_tokens": (None, "prefill_chunk_tokens"),
-}
-
-
-def _overlay_engine(base: EngineConfig, flags: EngineConfig, explicit: set[str]) -> EngineConfig:
-    for dest, (section, name) in _ENGINE_FLAGS.items():
-        if dest in explicit:
-            into, source = (base, flags) if section is None else (getattr(base, section), getattr(flags, section))
-            setattr(into, name, getattr(source, name))
-    return base
+# The flags and the configs they make live in loramux.cliargs: `loramux serve`
+# parses and checks them there before this module (torch, grpc: seconds) loads.
+# Re-exported for callers that build a serve command line against this module.
+from loramux.cliargs import add_serve_args, serve_configs  # noqa: E402,F401
 
 
 def read_secrets(cfg: ServerConfig, env=os.environ) -> Secrets:
-    def read(path: Path | None, var: str) -> str | None:
-        token = Path(path).read_text().strip() if path else env.get(var, "").strip()
-        return token or None
+    """The bearer tokens: each from its configured file, else from the environment.
+    An unreadable file is a ConfigError naming it."""
 
-    return Secrets(read(cfg.api_token_file, "LORAMUX_API_TOKEN"), read(cfg.admin_token_file, "LORAMUX_ADMIN_TOKEN"))
+    def read(path: Path | None, var: str, field: str) -> str | None:
+        try:
+            token = Path(path).read_text() if path else env.get(var, "")
+        except OSError as e:
+            raise ConfigError([(f"[server] {field}", f"cannot read {path}: {e.strerror}")]) from None
+        return token.strip() or None
+
+    return Secrets(read(cfg.api_token_file, "LORAMUX_API_TOKEN", "api_token_file"),
+                   read(cfg.admin_token_file, "LORAMUX_ADMIN_TOKEN", "admin_token_file"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from loramux.app import build_engine
+    """`loramux serve` from parsed flags (loramux.cli.cmd_serve checks them before
+    importing this module, then calls run_server)."""
+    return run_server(*serve_configs(args))
 
-    engine_cfg, server_cfg = serve_configs(args)
-    secrets = read_secrets(server_cfg)
+
+def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig, env=os.environ) -> int:
+    """Serve validated configs until SIGTERM/SIGINT; the exit code."""
+    secrets = read_secrets(server_cfg, env)
     if server_cfg.tls_cert is None and (secrets.api_token or secrets.admin_token) and server_cfg.host not in (
         "127.0.0.1", "localhost", "::1"
     ):
         log.warning("bearer tokens over plaintext gRPC on %s: enable TLS (--tls-cert/--tls-key)", server_cfg.host)
-    return asyncio.run(serve(server_cfg, lambda: build_engine(engine_cfg), secrets))
+    return asyncio.run(serve(server_cfg, lambda: _load_engine(engine_cfg), secrets))
+
+
+def _load_engine(cfg: EngineConfig) -> Engine:
+    """build_engine, logging what was loaded and how long it took."""
+    from loramux.app import build_engine
+
+    start = time.perf_counter()
+    engine = build_engine(cfg)
+    seconds = time.perf_counter() - start
+    info = engine.info()
+    log.info("model loaded in %.1f s", seconds, extra={
+        "model": info.base_model, "load_s": round(seconds, 3), "device": info.device, "dtype": info.dtype})
+    return engine
+
+
+def _address(host: str, port: int | None) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -59,6 +59,15 @@ class Metrics:
         self.step_tokens = hist("step_tokens", "Tokens one forward step computed (decode plus prefill chunks)",
                                 buckets=_TOKEN_BUCKETS)
         self.merge = hist("merge_duration_seconds", "Time to merge a mix (cache misses), by method", ["method"])
+        self.merges_abandoned = Counter(
+            f"{PREFIX}_merges_abandoned", "Request merges stopped before the end: timeout, caller_left, shutdown",
+            ["reason"], registry=registry,
+        )
+        self.row_errors = Counter(
+            f"{PREFIX}_row_errors", "Generations ended with an error of their own while others went on "
+            "(numeric: non-finite logits; precondition: selection not servable on the new weights)",
+            ["kind"], registry=registry,
+        )
         self.swap = hist("pin_swap_duration_seconds", "Time to fold in or restore base weights", ["op"])
         self.pinned = Gauge(
             f"{PREFIX}_pinned_merge_info", "1 for the merge folded into the base weights",
@@ -79,6 +88,8 @@ class Metrics:
 
     def observe_result(self, r: GenerationResult) -> None:
         self.finished.labels(r.finish_reason).inc()
+        if r.error_kind is not None:
+            self.row_errors.labels(r.error_kind).inc()
         self.prompt_tokens.inc(r.prompt_tokens)
         self.generated_tokens.inc(r.completion_tokens)
         t = r.timings

@@ -2,10 +2,16 @@
 
 The engine is single-threaded: one thread calls `engine.step()` while there is work
 and sleeps otherwise. RPC handlers run on the asyncio loop; they submit requests
-through a small thread pool (tokenizing, reading an adapter from disk or merging a
+through small thread pools (tokenizing, reading an adapter from disk or merging a
 mix can take a while and must not block the loop), then read their request's
 events from an asyncio queue that the engine thread fills after every step.
-Admission control (the bounded queue, draining) lives here too.
+
+Admission work runs in lanes so that slow work never queues fast work: `admit`
+(validate, tokenize, resolve an adapter), `merge` (requests whose mix is not
+merged yet: at most `merge_workers` at once, each bounded by `merge_timeout` and
+abandoned when its caller leaves) and `admin` (operator calls). The runner is the
+one owner of admission accounting: a request counts from submit until its final
+event, whatever ends it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 from loramux.engine.engine import Engine, EngineUsage
-from loramux.engine.types import GenerationRequest, TokenEvent
+from loramux.engine.types import FAILURE_NUMERIC, FINISH_CANCELLED, GenerationRequest, GenerationResult, TokenEvent
 from loramux.errors import FailedPrecondition, LoramuxError, ResourceExhausted, Unavailable
 from loramux.service.metrics import Metrics
 
@@ -31,6 +37,51 @@ _IDLE_POLL_SECONDS = 0.5
 
 class EngineFailure(LoramuxError):
     """A step raised; every request that was in the engine ends with this."""
+
+
+class NumericFailure(FailedPrecondition):
+    """The row's own weights produced non-finite logits; only that row ended."""
+
+
+class ShutdownCut(Unavailable):
+    """The grace period ended before the request finished. `result` holds what it
+    had generated (streams send it as their last message)."""
+
+    def __init__(self, message: str, result: GenerationResult):
+        super().__init__(message)
+        self.result = result
+
+
+class _CallerLeft(Exception):
+    """Raised into admission work whose caller is gone; nobody sees it."""
+
+
+class AdmissionCheck:
+    """Called by long admission work (merges) between units of work: raises when
+    the caller left, the server is cutting requests, or the deadline passed."""
+
+    def __init__(self, runner: "EngineRunner", deadline: float | None):
+        self._runner, self.deadline = runner, deadline
+        self.left = False
+
+    def __call__(self) -> None:
+        if self.left:
+            self._abandon("caller_left")
+            raise _CallerLeft()
+        if self._runner.cutting:
+            self._abandon("shutdown")
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self._abandon("timeout")
+            raise FailedPrecondition(
+                f"merging this mix took longer than the server allows "
+                f"({self._runner.limits.merge_timeout:g} s, --merge-timeout-seconds); create it once "
+                "as a named merge (Admin.CreateMerge) and name it in requests, or pin it "
+                "(exact, no per-request merge)"
+            )
+
+    def _abandon(self, reason: str) -> None:
+        self._runner.metrics.merges_abandoned.labels(reason).inc()
 
 
 @dataclass
@@ -67,11 +118,19 @@ class RequestStream:
 
 @dataclass
 class RunnerLimits:
-    """max_outstanding: requests accepted and not yet finished (running + waiting),
-    beyond which submit answers RESOURCE_EXHAUSTED."""
+    """max_outstanding: requests accepted and not yet finished (running + waiting,
+      admission included), beyond which submit answers RESOURCE_EXHAUSTED.
+    admission_workers: threads that validate, tokenize and resolve adapters.
+    merge_workers: mixes merged at once (requests whose mix is not cached yet).
+    merge_timeout: seconds a request may spend waiting for and running its merge.
+    admin_workers: threads for operator calls (loads, named merges, exports).
+    """
 
     max_outstanding: int
-    admission_workers: int = 4
+    admission_workers: int = 2
+    merge_workers: int = 1
+    merge_timeout: float = 30.0
+    admin_workers: int = 2
 
 
 @dataclass
@@ -84,7 +143,13 @@ class EngineRunner:
     def __init__(self, engine: Engine, limits: RunnerLimits, metrics: Metrics):
         self.engine, self.limits, self.metrics = engine, limits, metrics
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool = ThreadPoolExecutor(limits.admission_workers, thread_name_prefix="loramux-admit")
+        self._lanes = {
+            "admit": ThreadPoolExecutor(limits.admission_workers, thread_name_prefix="loramux-admit"),
+            "merge": ThreadPoolExecutor(limits.merge_workers, thread_name_prefix="loramux-merge"),
+            "admin": ThreadPoolExecutor(limits.admin_workers, thread_name_prefix="loramux-admin"),
+        }
+        self._checks: dict[str, AdmissionCheck] = {}  # requests in admission work
+        self.cutting = False  # shutdown: the grace period is over
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -113,12 +178,29 @@ class EngineRunner:
         except asyncio.TimeoutError:
             return False
 
-    def stop(self) -> None:
+    async def cut(self, timeout: float) -> None:
+        """End every request still in flight: admission work aborts, rows are
+        cancelled at the next step and their callers get ShutdownCut with what was
+        generated. Waits up to `timeout` s for their final events."""
+        self.cutting = True
+        with self._lock:
+            ids = list(self._tracked)
+        for rid in ids:
+            self.engine.cancel(rid)
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%d requests did not end within %.1f s of the cut", self.outstanding, timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the engine thread (waiting up to `timeout` s for its step to end)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            self._thread.join(timeout=timeout)
+        for lane in self._lanes.values():
+            lane.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests (loop thread) --------------------------------------------------
 
@@ -137,16 +219,27 @@ class EngineRunner:
             self._tracked[request.request_id] = _Tracked(queue)
             self._usage.admitting += 1
             self._idle.clear()
+        received_at = time.monotonic()
+        merging = self.engine.needs_merge(request)
+        check = AdmissionCheck(self, received_at + self.limits.merge_timeout if merging else None)
+        with self._lock:
+            self._checks[request.request_id] = check
+        lane = self._lanes["merge" if merging else "admit"]
         try:
-            await self._loop.run_in_executor(self._pool, self.engine.submit, request)
+            await self._loop.run_in_executor(lane, self.engine.submit, request, received_at, check)
         except BaseException:
-            # Cancelled while admitting: the engine may still queue it; cancel too.
+            # Cancelled while admitting: stop its merge, and the engine may still
+            # queue it, so cancel there too.
+            check.left = True
             self.engine.cancel(request.request_id)
             self._untrack(request.request_id)
             raise
         finally:
             with self._lock:
                 self._usage.admitting -= 1
+                self._checks.pop(request.request_id, None)
+        if self.cutting:  # queued after the cut's cancels went out
+            self.engine.cancel(request.request_id)
         self._wake.set()
         return RequestStream(request.request_id, queue, self)
 
@@ -155,8 +248,9 @@ class EngineRunner:
         self._wake.set()
 
     async def call(self, fn: Callable, *args):
-        """Run blocking operator work (loading, merging, exporting) off the loop."""
-        return await self._loop.run_in_executor(self._pool, fn, *args)
+        """Run blocking operator work (loading, merging, exporting) off the loop,
+        in its own lane (requests never queue behind it)."""
+        return await self._loop.run_in_executor(self._lanes["admin"], fn, *args)
 
     async def swap(self, deltas, label: str | None) -> float:
         """Pin `deltas` under `label` (unpin when None) at the next drained step
@@ -232,10 +326,17 @@ class EngineRunner:
             tracked.last_token_at = now
         item: TokenEvent | Exception = ev
         if ev.result is not None:
-            self.metrics.observe_result(ev.result)
+            r = ev.result
+            self.metrics.observe_result(r)
             self._untrack(ev.request_id)
-            if ev.result.error is not None:  # ended before running (see Sequence.fail)
-                item = FailedPrecondition(ev.result.error)
+            if r.error is not None:  # its selection could not be served, or its logits overflowed
+                item = (NumericFailure if r.error_kind == FAILURE_NUMERIC else FailedPrecondition)(r.error)
+            elif self.cutting and r.finish_reason == FINISH_CANCELLED:
+                item = ShutdownCut(
+                    f"the server shut down before this request finished ({r.completion_tokens} tokens "
+                    "were generated); retry on another replica", r,
+                )
+            _log_result(r, item)
         return tracked.queue, item
 
     def _fail(self, request_ids: list[str], cause: Exception) -> None:
@@ -246,6 +347,21 @@ class EngineRunner:
             if tracked is not None:
                 self._untrack(rid)
                 self._loop.call_soon_threadsafe(tracked.queue.put_nowait, err)
+
+
+def _log_result(r: GenerationResult, item: object) -> None:
+    """The one INFO line per finished request."""
+    status = type(item).__name__ if isinstance(item, Exception) else "OK"
+    res = r.resolution
+    log.info(
+        "request finished",
+        extra={
+            "id": r.request_id, "selection": f"{res.kind}:{res.name}" if res.name else res.kind,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "finish": r.finish_reason, "ttft_s": round(r.timings.first_token, 4),
+            "total_s": round(r.timings.total, 4), "status": status,
+        },
+    )
 
 
 def _deliver(deliveries: list[tuple[asyncio.Queue, object]]) -> None:
