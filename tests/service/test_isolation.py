@@ -245,3 +245,49 @@ def test_the_bearer_scheme_is_case_insensitive(tiny_llama_dir, adapter_root, sch
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         srv.stop()
+
+
+def test_every_finished_request_logs_one_line(small_server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="loramux.service.runner")
+    with grpc.insecure_channel(small_server.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        ok = stub.Generate(VICTIMS[1])
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(pb.GenerateRequest(prompt="fox", adapter="poison", sampling=STEADY))
+    _wait_idle(small_server)
+    lines = [r for r in caplog.records if r.getMessage() == "request finished"]
+    assert len(lines) == 2
+    good, bad = sorted(lines, key=lambda r: r.status != "OK")
+    assert (good.selection, good.status, good.completion_tokens, good.finish) == ("adapter:x", "OK", 8, "length")
+    assert good.prompt_tokens == ok.usage.prompt_tokens and 0 < good.ttft_s <= good.total_s
+    assert (bad.selection, bad.status, bad.finish) == ("adapter:poison", "NumericFailure", "error")
+
+
+def test_a_step_that_raises_ends_its_rows_and_the_server_goes_on(small_server):
+    """A bug or device fault inside a step (injected here: the forward raises once)
+    ends the requests in the engine with INTERNAL; none hangs, every place is
+    returned, and the next requests are served."""
+    runner = small_server.server.state.engine.runner
+    original = runner.forward
+
+    def fail_once(inputs):
+        runner.forward = original
+        raise RuntimeError("injected device fault")
+
+    runner.forward = fail_once
+    try:
+        async def run():
+            async with grpc.aio.insecure_channel(small_server.address) as ch:
+                stub = pb_grpc.InferenceStub(ch)
+                return await asyncio.gather(*(_call(stub, v, timeout=30) for v in VICTIMS))
+
+        results = asyncio.run(run())
+    finally:
+        runner.forward = original
+    failed = [r for r in results if not isinstance(r, pb.GenerateResponse)]
+    assert failed and all(r.code() == grpc.StatusCode.INTERNAL for r in failed)
+    _wait_idle(small_server)
+    with grpc.insecure_channel(small_server.address) as ch:
+        assert pb_grpc.InferenceStub(ch).Generate(VICTIMS[0]).usage.completion_tokens == 8

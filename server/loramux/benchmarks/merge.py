@@ -19,6 +19,18 @@ Also: exact low-rank compression of the linear mix (rank Σr → `--slot-rank`,
 `lowrank.compress_exact`) vs PEFT "svd" with svd_rank = `--slot-rank`; pin and
 unpin of the linear mix through an engine; a cached-mix lookup
 (`engine.merges.resolve`, second call). Figures are medians over rounds.
+
+    python -m loramux.benchmarks.merge --synthetic [--counts 2,4,8] [--slot-rank 64] [--threads 2]
+
+Dense methods only, no model and no PEFT: random rank-`--rank` adapters built in
+memory with the default model's shapes (`SMOLLM2_SHAPES`: q/k/v/o/gate/up/down of
+hidden 576, intermediate 1536, 3 KV heads of 64, × 30 layers; A, B ~ N(0, 0.02),
+lora_alpha = 2r, as `decode.make_adapters` draws them), `--counts` adapters at a
+time, equal weights. Per method and count: the exact merge (`exact_deltas`, what
+pin and export use), the served adapter (`serving_adapter` at rank ≤ `--slot-rank`:
+the whole compression, whatever its error) and the time to a refusal over
+`--budget` (`refuse_over_budget`, what a request gets when the budget is not met:
+it stops at the first module over budget).
 """
 
 from __future__ import annotations
@@ -42,6 +54,15 @@ from loramux.config import ModelConfig
 
 COMMAND = "python -m loramux.benchmarks.merge"
 OURS_METHODS = ("linear", "ties", "dare_ties", "slerp", "karcher")
+# The methods whose result is a dense ΔW (not a combination of the factors).
+DENSE_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "della", "breadcrumbs")
+# The default model's (SmolLM2-135M) LoRA targets, [d_out, d_in] per layer, and its layers.
+SMOLLM2_SHAPES = {
+    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+    "mlp.down_proj": (576, 1536),
+}
+SMOLLM2_LAYERS = 30
 # Our method → PEFT combination types timed beside it.
 PEFT_TYPES = {"linear": ("linear", "cat"), "ties": ("ties",), "dare_ties": ("dare_ties",)}
 GOALS = {
@@ -81,23 +102,119 @@ def mix_spec(method: str, names: list[str], density: float):
     if method == "slerp":
         return MixSpec.build([(names[0], 1.0), (names[1], 1.0)], "slerp", {"t": 0.5})
     w = 1.0 / len(names)
-    params = {"density": density} if method in ("ties", "dare_ties") else {}
+    params = {"density": density} if method in DENSE_METHODS else {}
+    if method == "della":  # keep probabilities density ± epsilon must stay in (0, 1]
+        params["epsilon"] = round(min(0.1, density / 2, (1 - density) / 2), 6)
     return MixSpec.build([(n, w) for n in names], method, params, seed=0)
 
 
-def time_ours(samples: Samples, adapters, names, method, args) -> None:
+def synthetic_adapters(n: int, rank: int, shapes=SMOLLM2_SHAPES, layers: int = SMOLLM2_LAYERS):
+    """n random rank-`rank` LoraAdapters on every `shapes` module of `layers` layers,
+    in memory (A, B ~ N(0, 0.02), scale lora_alpha / r = 2, as decode.make_adapters)."""
+    from loramux.adapters.types import LoraAdapter, LoraModule
+
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        modules = {
+            f"model.layers.{layer}.{m}": LoraModule(
+                A=torch.randn(rank, d_in, generator=g) * 0.02,  # [r, d_in]
+                B=torch.randn(d_out, rank, generator=g) * 0.02,  # [d_out, r]
+                scale=2.0,
+            )
+            for layer in range(layers)
+            for m, (d_out, d_in) in shapes.items()
+        }
+        out.append(LoraAdapter(name=f"bench{i}", modules=modules, content_hash=f"synthetic-{rank}-{i}"))
+    return out
+
+
+def time_synthetic(samples: Samples, adapters, method: str, args) -> None:
+    """exact / served / refused seconds of `method` over `adapters` (keys method/N/...)."""
     from loramux.merging import materialize
 
+    spec = mix_spec(method, [a.name for a in adapters], args.density)
+    key = f"{method}/{len(adapters)}"
+    time_exact_and_served(samples, adapters, spec, key, args)
+
+    def refused():
+        try:
+            materialize.serving_adapter(
+                adapters, spec, "bench", args.slot_rank, args.budget, refuse_over_budget=True
+            )
+        except materialize.OverBudget:
+            return True
+        return False
+
+    s, was_refused = _timed(refused)
+    samples.add(f"{key}/refused" if was_refused else f"{key}/accepted", s)
+
+
+def report_synthetic(samples: Samples, args, argv: list[str]) -> str:
+    m = samples.median
+    lines = [
+        f"dense merge benchmark, synthetic rank-{args.rank} adapters with the default model's shapes "
+        f"(7 projections × {SMOLLM2_LAYERS} layers, no model), float32 CPU, median of {args.rounds} "
+        f"rounds (threads={torch.get_num_threads()})",
+        f"command: {COMMAND} {shlex.join(argv)}".rstrip(),
+        f"served = serving_adapter at rank ≤ {args.slot_rank} (the whole compression); refused = time "
+        f"to refuse over error budget {args.budget} (stops at the first module over it); "
+        f"density {args.density}",
+        "load average (1 min) at start / end: " + " / ".join(f"{x:.2f}" for x in samples.load),
+        "",
+        f"{'method':16s} {'N':>2s} {'exact ΔW':>9s} {'served':>9s} {'rank':>5s} {'rel.err':>8s} {'refused':>9s}",
+    ]
+    for method in [x for x in args.methods.split(",") if x]:
+        for n in _counts(args):
+            key = f"{method}/{n}"
+            if m(f"{key}/exact") is None:
+                continue
+            rank, err = samples.served.get(key, (0, float("nan")))
+            refusal = _fmt_s(m(f"{key}/refused")) if m(f"{key}/refused") is not None else "accepted"
+            lines.append(
+                f"{method:16s} {n:2d} {_fmt_s(m(f'{key}/exact')):>9s} {_fmt_s(m(f'{key}/served')):>9s} "
+                f"{rank:5d} {err:8.4f} {refusal:>9s}"
+            )
+    return "\n".join(lines)
+
+
+def _counts(args) -> list[int]:
+    return [int(x) for x in args.counts.split(",") if x]
+
+
+def main_synthetic(args, argv: list[str]) -> None:
+    methods = [x for x in args.methods.split(",") if x]
+    samples = Samples(load=[os.getloadavg()[0]])
+    with torch.no_grad():
+        for n in _counts(args):
+            adapters = synthetic_adapters(n, args.rank)
+            for r in range(args.rounds):
+                for method in methods:
+                    time_synthetic(samples, adapters, method, args)
+                print(f"{n} adapters: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+            del adapters
+    samples.load.append(os.getloadavg()[0])
+    print(report_synthetic(samples, args, argv))
+
+
+def time_ours(samples: Samples, adapters, names, method, args) -> None:
     spec = mix_spec(method, names, args.density)
-    adapters = [adapters[n] for n in spec.names]
+    time_exact_and_served(samples, [adapters[n] for n in spec.names], spec, method, args)
+
+
+def time_exact_and_served(samples: Samples, adapters, spec, key: str, args) -> None:
+    """Samples `key`/exact (`exact_deltas`, what pin and export use) and `key`/served
+    (`serving_adapter` at rank ≤ --slot-rank within --budget, its rank and error)."""
+    from loramux.merging import materialize
+
     s, deltas = _timed(lambda: materialize.exact_deltas(adapters, spec))
-    samples.add(f"{method}/exact", s)
+    samples.add(f"{key}/exact", s)
     del deltas
     s, (merged, report) = _timed(
         lambda: materialize.serving_adapter(adapters, spec, "bench", args.slot_rank, args.budget)
     )
-    samples.add(f"{method}/served", s)
-    samples.served[method] = (report.rank, report.rel_error)
+    samples.add(f"{key}/served", s)
+    samples.served[key] = (report.rank, report.rel_error)
     del merged
 
 
@@ -215,11 +332,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--density", type=float, default=0.5, help="ties / dare_ties density")
     ap.add_argument("--slot-rank", type=int, default=16, help="rank of the served adapter")
     ap.add_argument("--budget", type=float, default=0.01, help="error budget of the served adapter")
-    ap.add_argument("--methods", default=",".join(OURS_METHODS), help="comma-separated subset")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated subset (default: {','.join(OURS_METHODS)}; "
+                    f"with --synthetic {','.join(DENSE_METHODS)})")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="dense methods on in-memory adapters of the default model's shapes (no model)")
+    ap.add_argument("--counts", default="2,4,8", help="--synthetic: numbers of adapters merged")
     ap.add_argument("--skip-peft", action="store_true", help="time ours only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--model-cache", type=Path, default=ModelConfig().cache_dir)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.methods is None:
+        args.methods = ",".join(DENSE_METHODS if args.synthetic else OURS_METHODS)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.synthetic:
+        main_synthetic(args, argv)
+        return
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -110,9 +110,10 @@ def compress_exact(f: Factored, max_rank: int, budget: float = 0.0) -> Compresse
 def _span_basis(Y: torch.Tensor) -> torch.Tensor:
     """A basis [m, w] of span(Y) for Y [m, w], m ≥ w: P·L of Y = P L U, the LU
     factorization with partial pivoting (L unit lower trapezoidal, |Lᵢⱼ| ≤ 1). Power
-    iterations only need the span kept well conditioned between products (Halko et
-    al. 2011, §4.5; fbpca does the same); this costs about half a Householder QR,
-    and a singular Y (a zero pivot) still gives a full-rank basis containing it."""
+    iterations only need the span kept well conditioned between products (the LU
+    renormalization of Li et al. 2017, ACM TOMS Algorithm 971, fbpca); this costs
+    about half a Householder QR, and a singular Y (a zero pivot) still gives a
+    full-rank basis containing its span."""
     LU, pivots, _ = torch.linalg.lu_factor_ex(Y)  # rows swapped i ↔ pivots[i] − 1, in order
     L = LU.tril_(-1)
     L.diagonal().fill_(1.0)

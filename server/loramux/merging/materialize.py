@@ -135,12 +135,14 @@ def _merged_modules(
         yield name, methods.merge_dense(method, dense, spec.weights, params, gens)
 
 
-def exact_deltas(adapters: list[LoraAdapter], spec: MixSpec) -> dict[str, Factored | torch.Tensor]:
+def exact_deltas(
+    adapters: list[LoraAdapter], spec: MixSpec, check: Check | None = None
+) -> dict[str, Factored | torch.Tensor]:
     """The merged ΔW of every module any input trains: Factored for methods whose
     result is a linear combination of the inputs (exact, rank Σ r_i over the inputs
     that train the module with a non-zero coefficient), a dense float32
-    [d_out, d_in] tensor otherwise."""
-    return dict(_merged_modules(adapters, spec))
+    [d_out, d_in] tensor otherwise. `check` as in `serving_adapter`."""
+    return dict(_merged_modules(adapters, spec, check))
 
 
 def serving_adapter(

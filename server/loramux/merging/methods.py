@@ -314,20 +314,25 @@ def drop_magprune(
 
 
 def _row_ranks(mag: torch.Tensor) -> torch.Tensor:
-    """[R, n] int64: each entry's ascending rank within its row of `mag` [R, n], what
-    argsort(argsort(mag, dim=1), dim=1) gives (mergekit's della_magprune).
+    """[R, n] int64: each entry's ascending rank within its row of `mag` [R, n]
+    (magnitudes: finite, ≥ 0, no -0.0), what argsort(argsort(mag, dim=1), dim=1)
+    gives (mergekit's della_magprune).
 
     The ranks are the inverse permutation of the row sort order (a scatter, not a
-    second sort). On CPU the order comes from numpy's (SIMD) argsort, which any
-    sort matches on rows of distinct values; rows with tied values take
-    torch.argsort's order, so ties are broken as before.
+    second sort). On CPU, for float32, the order comes from numpy's (SIMD) sort of
+    int64 keys (the bits of |x|, which order like the values, above the column
+    index), which any sort matches on rows of distinct values; rows with tied
+    values take torch.argsort's order, so ties are broken as before.
     """
     R, n = mag.shape
-    if mag.device.type == "cpu" and mag.dtype in (torch.float32, torch.float64):
-        mag = mag.contiguous()
-        order = torch.from_numpy(np.argsort(mag.numpy(), axis=1))  # [R, n]
-        ordered = torch.gather(mag, 1, order)  # [R, n] ascending
-        tied = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero().flatten()  # rows with ties
+    if mag.device.type == "cpu" and mag.dtype == torch.float32:
+        bits = max(1, (n - 1).bit_length())  # for the column index
+        keys = mag.contiguous().view(torch.int32).to(torch.int64)  # [R, n], ≥ 0: |x| ≥ 0
+        keys.bitwise_left_shift_(bits).bitwise_or_(torch.arange(n))
+        ordered = torch.from_numpy(np.sort(keys.numpy(), axis=1))  # [R, n] ascending keys
+        values = ordered >> bits  # [R, n]
+        tied = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().flatten()  # rows with ties
+        order = ordered.bitwise_and_((1 << bits) - 1)  # [R, n] the columns, ascending |x|
         if tied.numel():
             order[tied] = torch.argsort(mag[tied], dim=1)
     else:

@@ -101,9 +101,10 @@ class MergeService:
             report = self._reports.get(name) or MergeReport(spec.method, merged.rank, 0.0, 0.0)
         return merged, replace(report, cache_hit=hit)
 
-    def exact_deltas(self, spec: MixSpec):
-        """Uncompressed merged ΔW per module (pinning and export use these)."""
-        return materialize.exact_deltas([self.store.get(n) for n in spec.names], spec)
+    def exact_deltas(self, spec: MixSpec, check: Check | None = None):
+        """Uncompressed merged ΔW per module (pinning and export use these); `check`
+        is called before each module and raises to abort."""
+        return materialize.exact_deltas([self.store.get(n) for n in spec.names], spec, check)
 
     def is_cached(self, spec: MixSpec) -> bool:
         """The served adapter of `spec` is in the merge cache, or its refusal over
@@ -182,9 +183,14 @@ class MergeService:
             return dict(self._named)
 
 
+def _number(x: float) -> str:
+    """x as typed, shortest first (1, 0.5, then repr's round-trip digits)."""
+    return f"{x:g}" if float(f"{x:g}") == x else repr(x)
+
+
 def _cli_mix(spec: MixSpec) -> str:
-    """The `loramux` flags that name `spec`."""
-    flags = ["--mix", ",".join(f"{n}={w:g}" for n, w in spec.adapters)]
+    """The `loramux` flags that name `spec` (exactly: weights round-trip)."""
+    flags = ["--mix", ",".join(f"{n}={_number(w)}" for n, w in spec.adapters)]
     if spec.method != "linear":
         flags += ["--method", spec.method]
     for k, v in spec.params:
