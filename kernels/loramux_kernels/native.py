@@ -27,7 +27,9 @@ import torch  # noqa: F401  (loaded first: its libgomp is the one the kernels bi
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fno-trapping-math: nothing here reads floating-point exception flags, and without
+# it GCC will not if-convert (so not vectorize) loops with floating-point selects.
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 if platform.machine() in ("x86_64", "AMD64"):
     # GCC keeps 256-bit vectors on AVX-512 parts unless told; the kernels' loops
     # are long, unit-stride and memory-bound, where full width measures faster.

@@ -379,3 +379,49 @@ def test_waiter_of_an_aborted_merge_merges_in_its_place(engine):
     merged, report = results["waiter"]
     assert merged.name.startswith("mix:") and service.cache.count == 1
     assert service.cache.stats.loads == 2  # the aborted flight, then the waiter's own merge
+
+
+def test_waiter_whose_caller_leaves_stops_waiting_and_the_merge_goes_on(engine):
+    """The leader merges slowly; the waiter's own check fails while it waits: it gets
+    its error at once (not when the merge ends) and the leader still gets the merge."""
+    service = _service(engine, error_budget=0.6)
+    spec = MixSpec.build([("y", 0.5), ("z", 0.5)], "ties", {"density": 0.5})
+    leader_in, waiter_gone = threading.Event(), threading.Event()
+    misses_before = service.cache.stats.misses
+
+    def slow_leader_check():
+        leader_in.set()
+        assert waiter_gone.wait(10)  # every module after the waiter gave up
+
+    waiter_checks = []
+
+    def waiter_check():
+        # Called only while waiting on the leader's flight (the waiter never merges).
+        waiter_checks.append(1)
+        if len(waiter_checks) == 3:
+            raise _Stop("waiter's caller left")
+
+    results = {}
+
+    def lead():
+        results["leader"] = service.resolve(spec, check=slow_leader_check)
+
+    def wait():
+        assert leader_in.wait(10)
+        try:
+            service.resolve(spec, check=waiter_check)
+        except _Stop as e:
+            results["waiter"] = e
+        finally:
+            waiter_gone.set()
+
+    threads = [threading.Thread(target=lead), threading.Thread(target=wait)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert isinstance(results["waiter"], _Stop) and len(waiter_checks) == 3
+    assert service.cache.stats.misses == misses_before + 2  # the waiter joined the flight
+    merged, _ = results["leader"]
+    assert merged.name.startswith("mix:") and service.cache.count == 1
+    assert service.cache.stats.loads == 1

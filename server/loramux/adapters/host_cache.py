@@ -23,6 +23,10 @@ _log = logging.getLogger(__name__)
 
 EvictCallback = Callable[[str], None]
 
+# How often a caller waiting on another's load calls its check (the admission check
+# of the request it serves: the caller left, shutdown, the merge timeout).
+WAIT_CHECK_SECONDS = 0.05
+
 
 @dataclass
 class CacheStats:
@@ -59,6 +63,15 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+def _wait(flight: _Flight, check: Callable[[], None] | None) -> None:
+    """Until `flight` is done, calling `check` (which raises to stop waiting) now and then."""
+    if check is None:
+        flight.done.wait()
+        return
+    while not flight.done.wait(WAIT_CHECK_SECONDS):
+        check()
+
+
 class HostAdapterCache:
     """LRU of LoraAdapter keyed by name, holding at most `capacity_bytes` bytes.
 
@@ -90,7 +103,8 @@ class HostAdapterCache:
             return entry.adapter
 
     def get_or_load(
-        self, name: str, loader: Callable[[], LoraAdapter], *, pin: bool = False
+        self, name: str, loader: Callable[[], LoraAdapter], *, pin: bool = False,
+        check: Callable[[], None] | None = None,
     ) -> LoraAdapter:
         """The cached adapter, else `loader()`'s result, cached.
 
@@ -98,6 +112,9 @@ class HostAdapterCache:
         the same object, or the same exception (then nothing is cached). With
         pin=True the entry is pinned atomically with the lookup. Raises
         ResourceExhausted when the adapter cannot fit next to the pinned entries.
+        A waiter calls `check` every WAIT_CHECK_SECONDS and gives up waiting with
+        its exception (the load goes on for the others; the leader's own abort is
+        its loader's business).
         """
         with self._lock:
             entry = self._entries.get(name)
@@ -113,7 +130,7 @@ class HostAdapterCache:
         if leader:
             self._lead(name, loader, flight, pins=int(pin))
         else:
-            flight.done.wait()
+            _wait(flight, check)
         if flight.error is not None:
             raise flight.error
         if pin and not leader:

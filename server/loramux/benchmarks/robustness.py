@@ -9,8 +9,13 @@
 - poison: four requests of each poisonous kind sent beside four victims (base,
   adapter, sampled adapter, mix); victims answered OK with their quiet-server
   tokens, and whether the server goes idle after;
-- mix merge: seconds a request waits for a dense (ties) mix of two rank-16
-  adapters that is not merged yet, as the response's merge_seconds reports it.
+- poisonous adapter: an adapter whose lora_alpha is 1e30, asked for by name;
+- mix merge: seconds a request waits for a dense (ties) mix of 2, 4 and 8 rank-16
+  adapters that is not merged yet (served, or refused over the error budget);
+- shutdown: `loramux serve` as a process, `--shutdown-streams` streams of
+  `--shutdown-max-tokens` tokens (far more than `--grace-seconds` allows on the
+  default model), SIGTERM: seconds to process exit (interpreter exit included), and
+  how each stream ended.
 
 Prints one JSON object.
 """
@@ -20,8 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,6 +121,21 @@ async def _poison(address: str, pb, pb_grpc, names: list[str]) -> dict:
     return out
 
 
+def _poisonous_adapter(stub, pb, root: Path, template: str) -> dict:
+    """An adapter with lora_alpha = 1e30 (its weights otherwise those of `template`)."""
+    shutil.copytree(root / template, root / "alpha-1e30")
+    config_path = root / "alpha-1e30" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "lora_alpha": 1e30}))
+    t0 = time.monotonic()
+    try:
+        stub.Generate(pb.GenerateRequest(prompt="fox", adapter="alpha-1e30", sampling=pb.SamplingParams(
+            max_tokens=4, temperature=1.0)), timeout=120)
+        return {"status": "OK", "seconds": round(time.monotonic() - t0, 3)}
+    except grpc.RpcError as e:
+        return {"status": e.code().name, "seconds": round(time.monotonic() - t0, 3), "message": e.details()[:200]}
+
+
 async def _outcome(call):
     try:
         return await call
@@ -134,6 +160,63 @@ def _merge_seconds(stub, pb, names: list[str]) -> dict:
     return out
 
 
+def _shutdown(base_dir: Path, root: Path, adapter: str, args: argparse.Namespace) -> dict:
+    """SIGTERM to a `loramux serve` process, a second after the first of
+    `--shutdown-streams` streams of `--shutdown-max-tokens` tokens started: seconds to
+    exit, and how each stream ended."""
+    from loramux_api.v1 import loramux_pb2 as pb
+    from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
+
+    with tempfile.TemporaryDirectory(prefix="loramux-shutdown-") as tmp:
+        port_file = Path(tmp) / "ports"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loramux.cli", "serve", "--model", str(base_dir), "--adapter-root", str(root),
+             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--port-file", str(port_file),
+             "--grace-seconds", str(args.grace_seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            t_start = time.monotonic()
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() - t_start > 300:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.1)
+            address = f"127.0.0.1:{int(port_file.read_text().split()[0])}"
+            endings, first = [], threading.Event()
+
+            def stream(k: int) -> None:
+                request = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParams(
+                    max_tokens=args.shutdown_max_tokens, ignore_eos=True), **({"adapter": adapter} if k % 2 else {}))
+                last = None
+                try:
+                    with grpc.insecure_channel(address) as ch:
+                        for last in pb_grpc.InferenceStub(ch).GenerateStream(request, timeout=600):
+                            first.set()
+                    endings.append("OK")
+                except grpc.RpcError as e:
+                    final = last is not None and last.HasField("result")
+                    endings.append(f"{e.code().name}{' after a final message' if final else ''}")
+
+            threads = [threading.Thread(target=stream, args=(k,)) for k in range(args.shutdown_streams)]
+            for t in threads:
+                t.start()
+            if not first.wait(timeout=300):
+                raise RuntimeError(f"no stream started: {endings}")
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=args.grace_seconds + 120)
+            exit_seconds = time.monotonic() - t0
+            for t in threads:
+                t.join(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    counts = {e: endings.count(e) for e in sorted(set(endings))}
+    return {"grace_seconds": args.grace_seconds, "exit_seconds": round(exit_seconds, 2), "exit_code": code,
+            "streams": counts}
+
+
 def run(args: argparse.Namespace) -> dict:
     from loramux.config import ModelConfig
     from loramux.model.loader import ensure_default_model
@@ -151,9 +234,12 @@ def run(args: argparse.Namespace) -> dict:
                 stub = pb_grpc.InferenceStub(ch)
                 report["oversized_prompt_refused_seconds"] = _oversized(stub, pb)
                 report["poison"] = asyncio.run(_poison(srv.address, pb, pb_grpc, names))
+                report["poisonous_adapter"] = _poisonous_adapter(stub, pb, root, names[2])
                 report["mix_merge"] = _merge_seconds(stub, pb, names)
             state = srv.server.state
             report["idle_after"] = state.runner.outstanding == 0 and state.engine.info().kv.used == 0
+        if args.shutdown_streams:
+            report["shutdown"] = _shutdown(base_dir, root, names[0], args)
     return report
 
 
@@ -162,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M)")
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--long-tokens", type=int, default=4000)
+    p.add_argument("--shutdown-streams", type=int, default=8, help="0: skip the shutdown measurement")
+    p.add_argument("--shutdown-max-tokens", type=int, default=2000)
+    p.add_argument("--grace-seconds", type=float, default=30.0)
     args = p.parse_args(argv)
     print(json.dumps(run(args), indent=2))
     return 0

@@ -65,8 +65,10 @@ class MergeService:
         FailedPrecondition when serving it at rank ≤ max_rank would exceed the error
         budget (remembered: asking again is refused without merging). `check` is
         called before each module of a merge this call runs and raises to abort
-        it; its exception propagates and nothing is cached. A caller that was
-        waiting on a merge another caller aborted merges in its place.
+        it; its exception propagates and nothing is cached. A caller waiting on
+        another caller's merge of the same mix calls `check` while it waits (and
+        stops waiting with its exception; the merge goes on for the others), and
+        merges in its place when that caller aborts.
         """
         adapters = [self.store.get(n) for n in spec.names]
         key = spec.key({a.name: a.content_hash for a in adapters}, self._serving())
@@ -90,7 +92,7 @@ class MergeService:
 
         while True:
             try:
-                merged = self.cache.get_or_load(name, merge)
+                merged = self.cache.get_or_load(name, merge, check=check)
                 break
             except _Aborted as e:
                 if e.owner is not owner:
