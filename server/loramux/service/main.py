@@ -30,7 +30,7 @@ from loramux.service.auth import BearerTokenAuth
 from loramux.service.handlers import ServerState, add_servicer
 from loramux.service.inference import InferenceService
 from loramux.service.metrics import Metrics, StateCollector, serve_metrics
-from loramux.service.runner import EngineRunner, RunnerLimits
+from loramux.service.runner import EngineRunner, RunnerLimits, run_alone
 from loramux_api.v1 import loramux_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class LoramuxServer:
             self._http = serve_metrics(self.registry, host, self.cfg.metrics_port)
             self.metrics_port = self._http.server_port
             log.info("metrics on http://%s/metrics", _address(host, self.metrics_port))
-        engine: Engine = await asyncio.get_running_loop().run_in_executor(None, self._engine_factory)
+        engine: Engine = await run_alone(self._engine_factory)
         merges = engine.config.merges
         limits = RunnerLimits(
             engine.config.max_batch_rows + self.cfg.max_waiting,
