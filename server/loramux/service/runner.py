@@ -51,9 +51,17 @@ _IDLE_POLL_SECONDS = 0.5
 ENGINE_THREADS = torch.get_num_threads()
 
 
+def use_threads(n: int) -> None:
+    """This thread runs torch on `n` threads. torch sets a thread's count from a
+    process-wide default at the thread's first use, and set_num_threads in any
+    thread changes that default: so the first use comes first, then the count."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 def _lane(workers: int, name: str) -> ThreadPoolExecutor:
     """A pool whose threads run torch single-threaded (no OpenMP team of their own)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=use_threads, initargs=(1,))
 
 
 async def run_alone(fn: Callable):
@@ -71,7 +79,7 @@ async def run_alone(fn: Callable):
             done.set_result(result)
 
     def run() -> None:
-        torch.set_num_threads(ENGINE_THREADS)
+        use_threads(ENGINE_THREADS)
         try:
             result, error = fn(), None
         except BaseException as e:  # handed to the awaiting coroutine
@@ -330,7 +338,7 @@ class EngineRunner:
     # ---- engine thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        torch.set_num_threads(ENGINE_THREADS)
+        use_threads(ENGINE_THREADS)
         while not self._stopping:
             if not self.engine.has_work():
                 self._publish_usage()
