@@ -566,3 +566,22 @@ def test_resident_memory_is_read_and_reported():
     assert 10 * 2**20 < own < 64 * 2**30  # this test process: tens of MiB at least
     lines = format_table(report() | {"rss_bytes": {"loramux": 900 * 2**20, "vLLM": 3 * 2**30}}).splitlines()
     assert lines[-1] == "resident memory after the rounds: loramux 900 MiB, vLLM 3072 MiB"
+
+
+def test_a_round_waits_until_the_other_systems_are_quiet():
+    from types import SimpleNamespace
+
+    from loramux.benchmarks.peers import QUIET_MAX_WAIT_S, wait_quiet
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.3)  # both started
+        peers = [SimpleNamespace(name="busy", pid=busy.pid), SimpleNamespace(name="idle", pid=idle.pid),
+                 SimpleNamespace(name="unmetered", pid=None)]
+        assert wait_quiet(peers, "busy") < 1.0  # only the idle one is looked at
+        waited = wait_quiet(peers, "idle")  # the busy one spins until ~1.5 s after its start
+        assert 0.8 < waited < QUIET_MAX_WAIT_S
+    finally:
+        busy.kill()
+        idle.kill()

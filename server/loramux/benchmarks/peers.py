@@ -572,6 +572,27 @@ def metered(peers: list, runner: Callable[[], RoundStats], system: str, windows:
     return stats
 
 
+# Before a round, the other systems must be quiet: a server can keep the cores busy
+# for a while after its last request (vLLM's engine polls for ~1 s), which would
+# be counted against whoever runs next.
+QUIET_CORES = 0.05  # CPU seconds per wall second, all other systems together
+QUIET_WINDOW_S = 0.25
+QUIET_MAX_WAIT_S = 10.0
+
+
+def wait_quiet(peers: list, system: str) -> float:
+    """Wait until the metered peers other than `system` use under QUIET_CORES over
+    a QUIET_WINDOW_S window (at most QUIET_MAX_WAIT_S); the seconds waited."""
+    others = [p.pid for p in peers if p.pid is not None and p.name != system]
+    start = time.perf_counter()
+    while others and time.perf_counter() - start < QUIET_MAX_WAIT_S:
+        before = sum(process_cpu_seconds(pid) for pid in others)
+        time.sleep(QUIET_WINDOW_S)
+        if sum(process_cpu_seconds(pid) for pid in others) - before < QUIET_CORES * QUIET_WINDOW_S:
+            break
+    return time.perf_counter() - start
+
+
 def cpu_summary(windows: list[CpuWindow], systems: list[str]) -> dict[str, dict[str, float | None]]:
     """Per system: CPU seconds per wall second (cores busy) over its own windows
     ("own") and over the other systems' windows ("while_peer"); None if unmetered."""
@@ -947,7 +968,8 @@ def run_rounds(peers: list, plans: dict[str, list[RequestSpec]], book: PromptBoo
                ) -> tuple[dict[str, dict[str, list[RoundStats]]], list[CpuWindow]]:
     """results[workload][system]: one RoundStats per round, and the CPU windows.
     Each round sends both systems the same fresh prompts; which goes first
-    alternates from round to round."""
+    alternates from round to round, and each system starts once the others are
+    quiet (wait_quiet)."""
     results = {w: {p.name: [] for p in peers} for w in plans}
     windows: list[CpuWindow] = []
     for r in range(rounds):
@@ -955,7 +977,8 @@ def run_rounds(peers: list, plans: dict[str, list[RequestSpec]], book: PromptBoo
         for w, plan in plans.items():
             prompts = book.texts(plan)
             for peer in order:
-                _say(f"round {r + 1}/{rounds} {w}: {peer.name}")
+                quiet = wait_quiet(peers, peer.name)
+                _say(f"round {r + 1}/{rounds} {w}: {peer.name} (others quiet after {quiet:.2f} s)")
                 results[w][peer.name].append(metered(peers, lambda: run_round(peer, plan, prompts), peer.name, windows))
     return results, windows
 
