@@ -4,6 +4,7 @@ a thread that ends with the load, and admission lanes run torch single-threaded
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
@@ -13,14 +14,13 @@ import torch
 from loramux.app import build_engine
 from loramux.config import ServerConfig
 from loramux.service.main import ServerThread
-from loramux.service.runner import ENGINE_THREADS
+from loramux.service.runner import ENGINE_THREADS, run_alone
 from loramux_api.v1 import loramux_pb2 as pb
 from loramux_api.v1 import loramux_pb2_grpc as pb_grpc
 from tests.service.conftest import tiny_engine_config
 
-pytestmark = pytest.mark.skipif(ENGINE_THREADS < 2, reason="one core: every thread runs torch single-threaded")
 
-
+@pytest.mark.skipif(ENGINE_THREADS < 2, reason="one core: every thread runs torch single-threaded")
 def test_only_the_engine_thread_runs_torch_on_several_threads(tiny_llama_dir, adapter_root):
     seen: dict[str, list] = {"load": [], "submit": [], "forward": []}
 
@@ -55,3 +55,12 @@ def test_only_the_engine_thread_runs_torch_on_several_threads(tiny_llama_dir, ad
         assert lanes == {"loramux-admit", "loramux-merge"}, seen["submit"]
         assert all(n == 1 for _, n in seen["submit"]), seen["submit"]
         assert seen["forward"] and all(t == ("loramux-engine", ENGINE_THREADS) for t in seen["forward"])
+
+
+def test_a_model_load_that_raises_reaches_the_caller():
+    def load():
+        raise ValueError("no such model directory")
+
+    with pytest.raises(ValueError, match="no such model directory"):
+        asyncio.run(run_alone(load))
+    assert asyncio.run(run_alone(lambda: torch.get_num_threads())) == ENGINE_THREADS

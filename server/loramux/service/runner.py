@@ -28,6 +28,7 @@ and the engine thread sets its own count, ENGINE_THREADS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -84,7 +85,8 @@ async def run_alone(fn: Callable):
             result, error = fn(), None
         except BaseException as e:  # handed to the awaiting coroutine
             result, error = None, e
-        loop.call_soon_threadsafe(settle, result, error)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
 
     threading.Thread(target=run, name="loramux-load", daemon=True).start()
     return await done
