@@ -454,7 +454,10 @@ def test_coefficients_reproduce_the_dense_result(name, params, ds, data):
     c = coefficients(name, ds, ws, params)
     assert len(c) == len(ds)
     dense = merge_module(name, ds, ws, params)
-    torch.testing.assert_close(sum(ci * d for ci, d in zip(c, ds)), dense, rtol=1e-5, atol=1e-5)
+    # float32 rounding scales with the result's size: an entry near 0 next to entries
+    # of ~15 (karcher's mean of large inputs) carries ~1e-6 of that scale as error.
+    scale = max(1.0, dense.norm().item())
+    torch.testing.assert_close(sum(ci * d for ci, d in zip(c, ds)), dense, rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("name,params", EXACT)
