@@ -6,6 +6,7 @@ and odd credentials get clear answers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -248,8 +249,6 @@ def test_the_bearer_scheme_is_case_insensitive(tiny_llama_dir, adapter_root, sch
 
 
 def test_every_finished_request_logs_one_line(small_server, caplog):
-    import logging
-
     caplog.set_level(logging.INFO, logger="loramux.service.runner")
     with grpc.insecure_channel(small_server.address) as ch:
         stub = pb_grpc.InferenceStub(ch)

@@ -573,7 +573,7 @@ def metered(peers: list, runner: Callable[[], RoundStats], system: str, windows:
 
 
 # Before a round, the other systems must be quiet: a server can keep the cores busy
-# for a while after its last request (vLLM's engine polls for ~1 s), which would
+# for a while after its last request (vLLM: about 1.3 s here), which would
 # be counted against whoever runs next.
 QUIET_CORES = 0.05  # CPU seconds per wall second, all other systems together
 QUIET_WINDOW_S = 0.25
