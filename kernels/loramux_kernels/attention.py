@@ -201,11 +201,13 @@ class PagedAttention:
     """The per-layer entry: write the step's keys and values into the pools, attend.
 
     With the C kernels (csrc/attention_cpu.c) and float32 CPU tensors, one C call
-    per layer writes every new row and attends for the sequences of at most
-    `max_native_q_len` tokens (decode, chunked-prefill tails), OpenMP over
-    (sequence, kv head); longer chunks (prefill) go to torch's SDPA, which is
-    faster there. Anything else (other dtypes or devices, autograd, a row stride
-    inside D) takes the torch ops.
+    per layer writes every new row and attends for every sequence, OpenMP over
+    tasks: those of at most `max_native_q_len` tokens (decode, chunked-prefill
+    tails) one task per (sequence, kv head), longer chunks (prefill) in the tiled
+    kernel, a task per kv head and block of query rows, reading the keys from
+    their blocks. Where the tiled kernel is not built (no AVX-512; `tiled` False)
+    the longer chunks go to torch's SDPA instead. Anything else (other dtypes or
+    devices, autograd, a row stride inside D) takes the torch ops.
 
     A decode step calls this once per layer, so the Python side of the C path is
     kept to a few attribute reads: what is fixed per step (the plan's pointers)
@@ -213,10 +215,12 @@ class PagedAttention:
     value and out.
     """
 
-    # Measured on one sequence (SmolLM2 shapes, one thread): C is faster up to 8 new
-    # tokens over 200 keys and up to 4-6 over 2000; past that SDPA's GEMMs win (16
-    # tokens over 2000 keys: 1.6x).
-    max_native_q_len = 6
+    # Chunks of at most this many tokens take the per-row loop, longer ones the tiled
+    # kernel. One sequence, SmolLM2 shapes, one thread, per-row / tiled: 1 token over
+    # 200 / 2,000 keys 0.5x / 0.7x the time, 2 tokens even, 4 tokens 1.5x / 1.6x.
+    # The tiled kernel over SDPA (gathered keys): 2,000 fresh tokens 0.79x the time,
+    # 32 tokens over 2,000 cached keys 0.49x, 8 over 200 0.4x.
+    max_native_q_len = 1
     # Below this many multiply-adds (q·k) a second thread costs more than it saves.
     parallel_work = 1 << 17
 
@@ -226,8 +230,10 @@ class PagedAttention:
         self._plan: AttentionPlan | None = None
         self._native_plan = False
         self._long: list[int] = []  # sequences of the plan that SDPA serves
-        self._short = np.zeros(0, dtype=np.int64)  # and those the C call does: its pointer is in _step
-        self._step = np.zeros(12, dtype=np.int64)
+        self._short = np.zeros(0, dtype=np.int64)  # and those the C call does: their pointers are in _step
+        self._long_native = np.zeros(0, dtype=np.int64)
+        self.tiled = lib is not None and bool(lib.lmx_attention_tiled())
+        self._step = np.zeros(14, dtype=np.int64)
         self._step_ptr = self._step.ctypes.data
         self._call = np.zeros(11, dtype=np.int64)
         self._call_ptr = self._call.ctypes.data
@@ -275,13 +281,17 @@ class PagedAttention:
             return
         q_lens, ctx_lens = plan.q_lens_host, plan.context_lens_host
         short = [s for s, q_len in enumerate(q_lens) if q_len <= self.max_native_q_len]
-        self._long = [s for s, q_len in enumerate(q_lens) if q_len > self.max_native_q_len]
+        long = [s for s, q_len in enumerate(q_lens) if q_len > self.max_native_q_len]
+        native_long = long if self.tiled else []
+        self._long = [] if self.tiled else long
         self._short = np.array(short, dtype=np.int64)
+        self._long_native = np.array(native_long, dtype=np.int64)
         self._step[:] = (
             plan.slot_mapping.data_ptr(), plan.query_start.data_ptr(), plan.context_lens.data_ptr(),
             plan.block_tables.data_ptr(), plan.block_tables.shape[1], plan.block_size, plan.num_tokens,
             len(short), self._short.ctypes.data, torch.get_num_threads(),
-            sum(q_lens[s] * ctx_lens[s] for s in short), self.parallel_work,
+            sum(q_lens[s] * ctx_lens[s] for s in short + native_long), self.parallel_work,
+            len(native_long), self._long_native.ctypes.data,
         )
 
     def _pool_args(self, k_pool: torch.Tensor, v_pool: torch.Tensor):

@@ -44,11 +44,13 @@ SIGNATURES = {
     "lmx_kth_largest_abs_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "lmx_ties_merge_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
     "lmx_paged_attention_f32": [_PTR, _PTR, _PTR, ctypes.c_double, ctypes.c_double],
+    "lmx_attention_tiled": [],
     "lmx_rmsnorm_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_double, _I64],
     "lmx_add_rmsnorm_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_double, _I64],
     "lmx_rope_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64],
     "lmx_silu_mul_f32": [_I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64],
 }
+RESTYPES = {"lmx_attention_tiled": ctypes.c_int}  # the rest return nothing
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -123,7 +125,7 @@ def _try_load(name: str) -> ctypes.CDLL | None:
     for fn, argtypes in SIGNATURES.items():
         if hasattr(lib, fn):
             getattr(lib, fn).argtypes = argtypes
-            getattr(lib, fn).restype = None
+            getattr(lib, fn).restype = RESTYPES.get(fn)
     return lib
 
 

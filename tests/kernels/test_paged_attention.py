@@ -70,8 +70,10 @@ def test_mixed_step_matches_reference(path, shape, block_size):
     scale = 0.3
     want = paged_attention_reference(q, k_want, v_want, plan, scale)
     att = PATHS[path]()
-    # always / never multi-threaded; the chunks past max_native_q_len to SDPA, or all to C
-    for work, max_q_len in [(0, 6), (1 << 62, 6), (0, 10**9)]:
+    # always / never multi-threaded; the chunks past max_native_q_len to the tiled
+    # kernel, all to the per-row loop, the long ones to SDPA
+    tiled = att.tiled
+    for work, max_q_len, att.tiled in [(0, 1, tiled), (1 << 62, 1, tiled), (0, 10**9, tiled), (0, 1, False)]:
         att.parallel_work, att.max_native_q_len, att._plan = work, max_q_len, None
         k_got, v_got = k_pool.clone(), v_pool.clone()
         got = att(q, key, value, k_got, v_got, plan, scale)
@@ -94,6 +96,43 @@ def test_native_kernel_on_long_chunks_odd_sizes_and_long_contexts(hq, hkv, d, bl
     )
     got = att(q, key, value, k_pool, v_pool, plan, d**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 16, 1), (8, 2, 128, 7), (10, 2, 80, 16), (7, 1, 256, 5), (48, 1, 32, 16),
+     (49, 1, 16, 4), (6, 2, 100, 16)],
+    ids=["smollm2", "mha-d16", "d128", "g5-d80", "g7-d256", "g48", "g49-per-row", "d100-per-row"],
+)
+def test_tiled_kernel_on_prefill_chunks(hq, hkv, d, block_size):
+    """Chunks past one task's query rows, over cached contexts of thousands of keys,
+    fresh prefills, tails of a row block, on one thread and on several; group sizes
+    past the kernel's rows and D off the vector width take the per-row loop."""
+    att = _native()
+    if not att.tiled:
+        pytest.skip("the tiled kernel needs AVX-512")
+    spec = [(2100, 37), (2, 2), (97, 97), (300, 1), (64, 63), (17, 16)]
+    tables, plan, k_pool, v_pool, q, key, value = _step(spec, block_size, hq, hkv, d, seed=4)
+    want = paged_attention_reference(
+        q, _written(k_pool, key, tables, spec, block_size), _written(v_pool, value, tables, spec, block_size),
+        plan, d**-0.5,
+    )
+    for work in (0, 1 << 62):
+        att.parallel_work, att._plan = work, None
+        got = att(q, key, value, k_pool.clone(), v_pool.clone(), plan, d**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_kernel_takes_every_chunk_past_one_token(monkeypatch):
+    att = _native()
+    if not att.tiled:
+        pytest.skip("the tiled kernel needs AVX-512")
+    spec = [(40, 40), (2000, 32), (9, 1)]
+    tables, plan, k_pool, v_pool, q, key, value = _step(spec, 16, *SHAPES["smollm2"], seed=5)
+    monkeypatch.setattr(attention, "_attend_torch", lambda *args: pytest.fail("SDPA ran"))
+    got = att(q, key, value, k_pool, v_pool, plan, 0.125)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, paged_attention_reference(q, k_pool, v_pool, plan, 0.125), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -129,12 +168,13 @@ def test_write_kv_writes_exactly_the_step_rows():
     assert torch.equal(k_pool.view(-1, 2, 16), k_want) and torch.equal(v_pool.view(-1, 2, 16), v_want)
 
 
-@pytest.mark.parametrize("max_native_q_len", [PagedAttention.max_native_q_len, 10**9], ids=["sdpa", "native"])
-def test_whole_prefill_equals_causal_sdpa(max_native_q_len):
+@pytest.mark.parametrize(("max_native_q_len", "tiled"), [(1, True), (1, False), (10**9, True)],
+                         ids=["tiled", "sdpa", "per-row"])
+def test_whole_prefill_equals_causal_sdpa(max_native_q_len, tiled):
     hq, hkv, d = SHAPES["smollm2"]
     _, plan, k_pool, v_pool, q, key, value = _step([(37, 37)], 16, hq, hkv, d, seed=3)
     att = select_attention(torch.device("cpu"))
-    att.max_native_q_len = max_native_q_len
+    att.max_native_q_len, att.tiled = max_native_q_len, tiled and att.tiled
     got = att(q, key, value, k_pool, v_pool, plan, d**-0.5)
     k, v = key.repeat_interleave(hq // hkv, 1), value.repeat_interleave(hq // hkv, 1)  # [1, Hq, N, D]
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
